@@ -1,0 +1,51 @@
+//! What one task instance may use.
+
+use std::time::Duration;
+
+/// Limits for one task instance. Every limit is enforced by the host, never trusted to the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest linear memory of the instance; growing past it traps.
+    pub memory_bytes: usize,
+    /// CPU deadline for one `process` call (epoch-based, so accurate to one tick).
+    pub batch_timeout: Duration,
+    /// CPU deadline for `init` and for `shutdown`.
+    pub init_timeout: Duration,
+    /// Records one batch may emit.
+    pub emits_per_batch: usize,
+    /// Largest data of one emitted record.
+    pub emit_bytes: usize,
+    /// Bytes (data and keys) one batch may emit in all.
+    pub emit_bytes_per_batch: usize,
+    /// Largest state key.
+    pub state_key_bytes: usize,
+    /// Largest state value.
+    pub state_value_bytes: usize,
+    /// Bytes (keys and values) the state of one shard may hold.
+    pub state_total_bytes: usize,
+    /// Log bytes per second (task logs and stdout/stderr together); the excess is dropped.
+    pub log_bytes_per_second: usize,
+    /// Longest log line; longer lines are cut.
+    pub log_line_bytes: usize,
+    /// Distinct metric names one instance may use; further names are ignored.
+    pub metric_names: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 64 << 20,
+            batch_timeout: Duration::from_secs(5),
+            init_timeout: Duration::from_secs(5),
+            emits_per_batch: 10_000,
+            emit_bytes: 1 << 20,
+            emit_bytes_per_batch: 64 << 20,
+            state_key_bytes: 1024,
+            state_value_bytes: 256 << 10,
+            state_total_bytes: 64 << 20,
+            log_bytes_per_second: 64 << 10,
+            log_line_bytes: 4096,
+            metric_names: 256,
+        }
+    }
+}
