@@ -142,7 +142,7 @@ pub enum CallError {
         message: String,
     },
     /// The instance trapped; it cannot be used again.
-    #[error("task on {shard_id} {kind}{}: {message}", last_stderr.as_deref().map(|l| format!(" (its last stderr line: {l})")).unwrap_or_default())]
+    #[error("task on {shard_id} {kind}{}: {message}", stderr_tail.as_deref().map(|l| format!(" (stderr: {l})")).unwrap_or_default())]
     Trap {
         /// The shard.
         shard_id: String,
@@ -150,8 +150,8 @@ pub enum CallError {
         kind: TrapKind,
         /// wasmtime's description.
         message: String,
-        /// The guest's last line on stderr, where Rust panics print their message.
-        last_stderr: Option<String>,
+        /// What the guest's stderr said last: a Rust panic's location and message.
+        stderr_tail: Option<String>,
     },
     /// The task broke the contract (for example claimed more records done than it was given).
     #[error("task on {shard_id} broke the contract: {message}")]

@@ -39,24 +39,12 @@ pub(crate) struct LogBudget {
     clock: Arc<dyn Clock>,
     /// Lines dropped since the last "dropped" notice.
     pending_dropped: u64,
-    /// Lines dropped in the instance's life.
-    pub(crate) dropped_lines: u64,
-    /// Bytes dropped in the instance's life.
-    pub(crate) dropped_bytes: u64,
 }
 
 impl LogBudget {
     pub(crate) fn new(bytes_per_second: usize, clock: Arc<dyn Clock>) -> Self {
         let rate = bytes_per_second as f64;
-        Self {
-            rate,
-            tokens: rate,
-            last: clock.now(),
-            clock,
-            pending_dropped: 0,
-            dropped_lines: 0,
-            dropped_bytes: 0,
-        }
+        Self { rate, tokens: rate, last: clock.now(), clock, pending_dropped: 0 }
     }
 
     /// Whether a line of `len` bytes may be logged now.
@@ -71,13 +59,11 @@ impl LogBudget {
             true
         } else {
             self.pending_dropped += 1;
-            self.dropped_lines += 1;
-            self.dropped_bytes += len as u64;
             false
         }
     }
 
-    /// Lines dropped since the last call, to report once logging is allowed again.
+    /// Lines dropped since the last call, to report them once.
     pub(crate) fn take_pending_dropped(&mut self) -> u64 {
         std::mem::take(&mut self.pending_dropped)
     }
@@ -228,7 +214,6 @@ mod tests {
         assert!(budget.allow(60));
         assert!(budget.allow(40));
         assert!(!budget.allow(1));
-        assert_eq!((budget.dropped_lines, budget.dropped_bytes), (1, 1));
         *clock.0.lock().unwrap_or_else(PoisonError::into_inner) =
             start + Duration::from_millis(500);
         assert!(budget.allow(50));

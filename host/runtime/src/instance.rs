@@ -219,9 +219,11 @@ impl HostState {
         }
     }
 
-    /// Writes the guest's stdout and stderr into the log; returns stderr's last line.
+    /// Writes the guest's stdout and stderr into the log, then says how many lines the rate
+    /// limit dropped during the call. Returns what stderr said last: a Rust panic's location and
+    /// message, else its last line.
     fn drain_output(&mut self) -> Option<String> {
-        let mut last_stderr = None;
+        let mut stderr_tail = None;
         for (capture, level, source) in [
             (self.stdout.clone(), LogLevel::Info, "stdout"),
             (self.stderr.clone(), LogLevel::Warn, "stderr"),
@@ -229,34 +231,49 @@ impl HostState {
             let (bytes, dropped) = capture.drain();
             self.stats.output_bytes_dropped += dropped;
             let text = String::from_utf8_lossy(&bytes);
-            for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                if source == "stderr" {
-                    last_stderr = Some(truncate(line, self.limits().log_line_bytes).to_owned());
-                }
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            for line in &lines {
                 self.log_line(level, source, line);
             }
+            if source == "stderr" && !lines.is_empty() {
+                stderr_tail =
+                    Some(truncate(&panic_message(&lines), self.limits().log_line_bytes).to_owned());
+            }
         }
-        last_stderr
+        let dropped = self.budget.take_pending_dropped();
+        if dropped > 0 {
+            let rate = self.limits().log_bytes_per_second;
+            self.tags.emit(
+                LogLevel::Warn,
+                "host",
+                &format!("Dropped {dropped} task log lines over the rate limit of {rate} bytes/s (task.limits.log.bytes.per.second)."),
+            );
+        }
+        stderr_tail
     }
 
     fn log_line(&mut self, level: LogLevel, source: &'static str, line: &str) {
         let line = truncate(line, self.spec.limits.log_line_bytes);
-        if !self.budget.allow(line.len()) {
+        if self.budget.allow(line.len()) {
+            self.tags.emit(level, source, line);
+        } else {
             self.stats.log_lines_dropped += 1;
-            return;
         }
-        let dropped = self.budget.take_pending_dropped();
-        if dropped > 0 {
-            self.tags.emit(
-                LogLevel::Warn,
-                "host",
-                &format!(
-                    "Dropped {dropped} task log lines over the rate limit of {} bytes/s.",
-                    self.spec.limits.log_bytes_per_second
-                ),
-            );
+    }
+}
+
+/// From a guest's stderr lines, the panic location and message when Rust panicked (std prints
+/// `thread '…' panicked at FILE:LINE:COL:`, the message, then a note about backtraces).
+fn panic_message(lines: &[&str]) -> String {
+    match lines.iter().rposition(|l| l.contains(" panicked at ")) {
+        Some(at) => {
+            let location = lines[at].split(" panicked at ").nth(1).unwrap_or(lines[at]);
+            match lines.get(at + 1).filter(|l| !l.starts_with("note: run with")) {
+                Some(message) => format!("panicked at {location} {message}"),
+                None => format!("panicked at {location}"),
+            }
         }
-        self.tags.emit(level, source, line);
+        None => lines.last().copied().unwrap_or_default().to_owned(),
     }
 }
 
@@ -506,11 +523,11 @@ impl TaskInstance {
         let config = instance.store.data().spec.config.clone();
         instance.set_deadline(init_timeout);
         let result = instance.task.kinesis_task_task().call_init(&mut instance.store, &config);
-        let last_stderr = instance.store.data_mut().drain_output();
+        let stderr_tail = instance.store.data_mut().drain_output();
         match result {
             Ok(Ok(())) => Ok(instance),
             Ok(Err(e)) => Err(instance.task_error(e)),
-            Err(trap) => Err(instance.trap(&trap, last_stderr)),
+            Err(trap) => Err(instance.trap(&trap, stderr_tail)),
         }
     }
 
@@ -536,13 +553,13 @@ impl TaskInstance {
         let timeout = self.store.data().spec.limits.batch_timeout;
         self.set_deadline(timeout);
         let result = self.task.kinesis_task_task().call_process(&mut self.store, batch.wit());
-        let last_stderr = self.store.data_mut().drain_output();
+        let stderr_tail = self.store.data_mut().drain_output();
         let host = self.store.data_mut();
         *state = std::mem::take(&mut host.state);
         let processed = match result {
             Ok(Ok(processed)) => processed as usize,
             Ok(Err(e)) => return Err(self.task_error(e)),
-            Err(trap) => return Err(self.trap(&trap, last_stderr)),
+            Err(trap) => return Err(self.trap(&trap, stderr_tail)),
         };
         if processed > batch.len() {
             return Err(CallError::Contract {
@@ -610,7 +627,7 @@ impl TaskInstance {
         }
     }
 
-    fn trap(&mut self, error: &wasmtime::Error, last_stderr: Option<String>) -> CallError {
+    fn trap(&mut self, error: &wasmtime::Error, stderr_tail: Option<String>) -> CallError {
         self.poisoned = true;
         let kind = if self.store.data().limiter.hit {
             TrapKind::MemoryLimit
@@ -626,6 +643,6 @@ impl TaskInstance {
             Some(trap) => trap.to_string(),
             None => error.root_cause().to_string(),
         };
-        CallError::Trap { shard_id: self.shard_id().to_owned(), kind, message, last_stderr }
+        CallError::Trap { shard_id: self.shard_id().to_owned(), kind, message, stderr_tail }
     }
 }
