@@ -1,29 +1,36 @@
 //! `echo-task`: a well-behaved fixture that emits every record to the output `out`, with the
-//! same partition key and data, and finishes every batch.
+//! same partition key and data.
 //!
-//! It accepts the setting `task.config.fail_every` (a `u64`) so tests can pass it; an
-//! unparsable value fails `init` with a fatal error, otherwise the setting changes nothing.
+//! Two switches let tests drive the host's failure policies:
+//! - a record whose data is exactly `poison` makes the batch fail with a poison-record error
+//!   naming that record;
+//! - `task.config.leading=N` finishes only the first N records of each batch (a partial result),
+//!   so the host must deliver the rest again.
 
 use kinesis_task::{Batch, Config, Done, Task, TaskError, emit};
 
 /// Echoes every record to `out`.
 #[derive(Debug)]
 pub struct Echo {
-    /// The parsed `fail_every` setting; kept, never acted on.
-    pub fail_every: Option<u64>,
+    /// Records finished per batch, when set.
+    pub leading: Option<usize>,
 }
 
 impl Task for Echo {
     fn init(config: &Config) -> Result<Self, TaskError> {
-        Ok(Echo { fail_every: config.parse("fail_every")? })
+        Ok(Echo { leading: config.parse("leading")? })
     }
 
     fn process(&mut self, batch: &Batch<'_>) -> Result<Done, TaskError> {
-        for record in batch {
+        let take = self.leading.unwrap_or(usize::MAX);
+        for record in batch.iter().take(take) {
+            if record.data() == b"poison" {
+                return Err(TaskError::poison(record.index(), "this record is poison"));
+            }
             emit("out", record.partition_key(), record.data())
                 .map_err(|e| TaskError::fatal(e.to_string()))?;
         }
-        Ok(Done::All)
+        Ok(self.leading.map_or(Done::All, Done::Leading))
     }
 }
 

@@ -1,0 +1,454 @@
+//! `job.properties`: the job's settings in Samza's Java-properties format, parsed once and
+//! validated into typed values. Every error names the key, the value's problem and what is
+//! accepted; values of `sensitive.*` keys never appear in a message.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kinesis_host_runtime::{Limits, Outputs};
+
+/// Why a job's configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read job config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the file system said.
+        source: std::io::Error,
+    },
+    /// The file is not in Java properties syntax.
+    #[error("{path}{}: not valid Java properties syntax: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The line, when known.
+        line: Option<usize>,
+        /// The parser's message.
+        message: String,
+    },
+    /// A value is not acceptable.
+    #[error("{path}: {key}={value} is not valid: {problem}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// The value (redacted for `sensitive.*` keys).
+        value: String,
+        /// What is wrong and what is accepted.
+        problem: String,
+    },
+    /// A key in one of our namespaces is not known.
+    #[error("{path}: unknown key {key}{}; known keys under {prefix}: {known}", suggestion.as_deref().map(|s| format!(" (did you mean {s}?)")).unwrap_or_default())]
+    UnknownKey {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// The namespace.
+        prefix: &'static str,
+        /// The nearest known key.
+        suggestion: Option<String>,
+        /// The known keys.
+        known: String,
+    },
+}
+
+/// How a shard's failed batches are retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts of one batch before its shard is stopped (1 = no retry).
+    pub max_attempts: u32,
+    /// First back-off.
+    pub initial_backoff: Duration,
+    /// Longest back-off; each failure doubles the previous one up to this.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The back-off after `failures` consecutive failures (1-based).
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let factor = 1u32.checked_shl(failures.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.initial_backoff.saturating_mul(factor).min(self.max_backoff)
+    }
+}
+
+/// How records are grouped into batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Records per `process` call.
+    pub max_records: usize,
+    /// Bytes (payloads and keys) per `process` call.
+    pub max_bytes: usize,
+    /// Largest record's data; a larger record is an error.
+    pub max_record_bytes: usize,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        Self { max_records: 500, max_bytes: 4 << 20, max_record_bytes: 1 << 20 }
+    }
+}
+
+/// The validated job settings the task runtime needs.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    /// `job.name`.
+    pub job_name: String,
+    /// `task.config.<key>` settings, prefix removed, passed to the task's `init`.
+    pub task_config: Vec<(String, String)>,
+    /// `task.output.<name>`: logical output name → `<system>.<stream>`.
+    pub outputs: BTreeMap<String, String>,
+    /// `task.limits.*`.
+    pub limits: Limits,
+    /// `task.batch.*`, `task.record.max.bytes`.
+    pub batch: BatchLimits,
+    /// `task.retry.*`.
+    pub retry: RetryPolicy,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        Self {
+            job_name: "replay".to_owned(),
+            task_config: Vec::new(),
+            outputs: BTreeMap::new(),
+            limits: Limits::default(),
+            batch: BatchLimits::default(),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// Keys under `task.limits.`, with what they set.
+const LIMIT_KEYS: &[&str] = &[
+    "task.limits.memory.bytes",
+    "task.limits.batch.timeout.ms",
+    "task.limits.init.timeout.ms",
+    "task.limits.emits.per.batch",
+    "task.limits.emit.bytes",
+    "task.limits.emit.bytes.per.batch",
+    "task.limits.state.key.bytes",
+    "task.limits.state.value.bytes",
+    "task.limits.state.total.bytes",
+    "task.limits.log.bytes.per.second",
+    "task.limits.log.line.bytes",
+    "task.limits.metric.names",
+];
+const BATCH_KEYS: &[&str] = &["task.batch.max.records", "task.batch.max.bytes"];
+const RETRY_KEYS: &[&str] =
+    &["task.retry.max.attempts", "task.retry.backoff.initial.ms", "task.retry.backoff.max.ms"];
+
+impl JobConfig {
+    /// Reads and validates `path`.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file, the key and the problem.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = std::fs::File::open(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let props = java_properties::read(std::io::BufReader::new(file)).map_err(|e| {
+            ConfigError::Syntax {
+                path: path.to_owned(),
+                line: e.line_number(),
+                message: e.to_string(),
+            }
+        })?;
+        Self::from_properties(path, &props.into_iter().collect())
+    }
+
+    /// Validates parsed properties; `path` is only used in messages.
+    ///
+    /// # Errors
+    /// As [`JobConfig::load`].
+    pub fn from_properties(
+        path: &Path,
+        props: &BTreeMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let p = Props { path, props };
+        for (prefix, known) in
+            [("task.limits.", LIMIT_KEYS), ("task.batch.", BATCH_KEYS), ("task.retry.", RETRY_KEYS)]
+        {
+            p.check_known(prefix, known)?;
+        }
+        let defaults = Limits::default();
+        let limits = Limits {
+            memory_bytes: p.number(
+                "task.limits.memory.bytes",
+                defaults.memory_bytes,
+                1 << 20,
+                4 << 30,
+            )?,
+            batch_timeout: p.millis("task.limits.batch.timeout.ms", defaults.batch_timeout)?,
+            init_timeout: p.millis("task.limits.init.timeout.ms", defaults.init_timeout)?,
+            emits_per_batch: p.number(
+                "task.limits.emits.per.batch",
+                defaults.emits_per_batch,
+                0,
+                usize::MAX,
+            )?,
+            emit_bytes: p.number("task.limits.emit.bytes", defaults.emit_bytes, 1, 10 << 20)?,
+            emit_bytes_per_batch: p.number(
+                "task.limits.emit.bytes.per.batch",
+                defaults.emit_bytes_per_batch,
+                1,
+                usize::MAX,
+            )?,
+            state_key_bytes: p.number(
+                "task.limits.state.key.bytes",
+                defaults.state_key_bytes,
+                1,
+                1 << 20,
+            )?,
+            state_value_bytes: p.number(
+                "task.limits.state.value.bytes",
+                defaults.state_value_bytes,
+                0,
+                1 << 30,
+            )?,
+            state_total_bytes: p.number(
+                "task.limits.state.total.bytes",
+                defaults.state_total_bytes,
+                0,
+                usize::MAX,
+            )?,
+            log_bytes_per_second: p.number(
+                "task.limits.log.bytes.per.second",
+                defaults.log_bytes_per_second,
+                0,
+                usize::MAX,
+            )?,
+            log_line_bytes: p.number(
+                "task.limits.log.line.bytes",
+                defaults.log_line_bytes,
+                16,
+                1 << 20,
+            )?,
+            metric_names: p.number(
+                "task.limits.metric.names",
+                defaults.metric_names,
+                0,
+                100_000,
+            )?,
+        };
+        let batch_defaults = BatchLimits::default();
+        let max_record_bytes =
+            p.number("task.record.max.bytes", batch_defaults.max_record_bytes, 1, 10 << 20)?;
+        let batch = BatchLimits {
+            max_records: p.number(
+                "task.batch.max.records",
+                batch_defaults.max_records,
+                1,
+                10_000,
+            )?,
+            max_bytes: p.number("task.batch.max.bytes", batch_defaults.max_bytes, 1024, 1 << 30)?,
+            max_record_bytes,
+        };
+        let retry_defaults = RetryPolicy::default();
+        let retry = RetryPolicy {
+            max_attempts: p.number(
+                "task.retry.max.attempts",
+                retry_defaults.max_attempts,
+                1,
+                u32::MAX,
+            )?,
+            initial_backoff: p
+                .millis("task.retry.backoff.initial.ms", retry_defaults.initial_backoff)?,
+            max_backoff: p.millis("task.retry.backoff.max.ms", retry_defaults.max_backoff)?,
+        };
+        let mut outputs = BTreeMap::new();
+        for (key, value) in p.props.range("task.output.".to_owned()..) {
+            let Some(name) = key.strip_prefix("task.output.") else { break };
+            let valid = value
+                .split_once('.')
+                .is_some_and(|(sys, stream)| !sys.is_empty() && !stream.is_empty());
+            if name.is_empty() || !valid {
+                return Err(p.invalid(key, "expected task.output.<name>=<system>.<stream>, such as task.output.alerts=kinesis.alerts"));
+            }
+            outputs.insert(name.to_owned(), value.trim().to_owned());
+        }
+        let task_config = p
+            .props
+            .range("task.config.".to_owned()..)
+            .map_while(|(k, v)| k.strip_prefix("task.config.").map(|k| (k.to_owned(), v.clone())))
+            .collect();
+        Ok(Self {
+            job_name: p.props.get("job.name").cloned().unwrap_or_else(|| "replay".to_owned()),
+            task_config,
+            outputs,
+            limits,
+            batch,
+            retry,
+        })
+    }
+
+    /// The output names the task may emit to: any, when the job names none.
+    pub fn output_policy(&self) -> Outputs {
+        if self.outputs.is_empty() {
+            Outputs::Any
+        } else {
+            Outputs::Only(self.outputs.keys().cloned().collect::<BTreeSet<_>>())
+        }
+    }
+}
+
+struct Props<'a> {
+    path: &'a Path,
+    props: &'a BTreeMap<String, String>,
+}
+
+impl Props<'_> {
+    fn invalid(&self, key: &str, problem: impl Into<String>) -> ConfigError {
+        let value = if key.starts_with("sensitive.") {
+            "<redacted>".to_owned()
+        } else {
+            self.props.get(key).cloned().unwrap_or_default()
+        };
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            key: key.to_owned(),
+            value,
+            problem: problem.into(),
+        }
+    }
+
+    fn number<T>(&self, key: &str, default: T, min: T, max: T) -> Result<T, ConfigError>
+    where
+        T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
+    {
+        let Some(raw) = self.props.get(key) else { return Ok(default) };
+        match raw.trim().parse::<T>() {
+            Ok(v) if v >= min && v <= max => Ok(v),
+            _ => Err(self.invalid(key, format!("expected a whole number from {min} to {max}"))),
+        }
+    }
+
+    fn millis(&self, key: &str, default: Duration) -> Result<Duration, ConfigError> {
+        let default_ms = u64::try_from(default.as_millis()).unwrap_or(u64::MAX);
+        self.number(key, default_ms, 1, 24 * 3600 * 1000).map(Duration::from_millis)
+    }
+
+    fn check_known(&self, prefix: &'static str, known: &[&str]) -> Result<(), ConfigError> {
+        for key in self.props.keys().filter(|k| k.starts_with(prefix)) {
+            if !known.contains(&key.as_str()) {
+                return Err(ConfigError::UnknownKey {
+                    path: self.path.to_owned(),
+                    key: key.clone(),
+                    prefix,
+                    suggestion: nearest(key, known).map(str::to_owned),
+                    known: known.join(", "),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The known key closest to `key` by edit distance, if reasonably close.
+pub fn nearest<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(key, k), *k))
+        .min()
+        .filter(|(d, _)| *d <= key.len().max(3) / 3)
+        .map(|(_, k)| k)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<JobConfig, ConfigError> {
+        let props = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        JobConfig::from_properties(Path::new("job.properties"), &props)
+    }
+
+    #[test]
+    fn defaults_and_task_settings() -> Result<(), ConfigError> {
+        let c = parse(&[
+            ("job.name", "wc"),
+            ("task.config.contains", "ERROR"),
+            ("task.config.output", "errors"),
+            ("task.output.errors", "kinesis.error-stream"),
+        ])?;
+        assert_eq!(c.job_name, "wc");
+        assert_eq!(
+            c.task_config,
+            [
+                ("contains".to_owned(), "ERROR".to_owned()),
+                ("output".to_owned(), "errors".to_owned())
+            ]
+        );
+        assert_eq!(c.outputs.get("errors").map(String::as_str), Some("kinesis.error-stream"));
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.batch, BatchLimits::default());
+        Ok(())
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_range() {
+        let err = parse(&[("task.limits.memory.bytes", "lots")])
+            .map(|_| ())
+            .expect_err("invalid")
+            .to_string();
+        assert_eq!(
+            err,
+            "job.properties: task.limits.memory.bytes=lots is not valid: expected a whole number from 1048576 to 4294967296"
+        );
+        let err =
+            parse(&[("task.batch.max.records", "0")]).map(|_| ()).expect_err("invalid").to_string();
+        assert!(err.contains("task.batch.max.records=0"), "{err}");
+        let err =
+            parse(&[("task.output.x", "nodot")]).map(|_| ()).expect_err("invalid").to_string();
+        assert!(err.contains("task.output.<name>=<system>.<stream>"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_suggest_the_nearest() {
+        let err = parse(&[("task.limits.memory.byte", "1")])
+            .map(|_| ())
+            .expect_err("invalid")
+            .to_string();
+        assert!(err.contains("did you mean task.limits.memory.bytes?"), "{err}");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let p = RetryPolicy {
+            max_attempts: 9,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(350),
+        };
+        let b: Vec<_> = (1..=4).map(|n| p.backoff(n).as_millis()).collect();
+        assert_eq!(b, [100, 200, 350, 350]);
+        assert_eq!(p.backoff(200), Duration::from_millis(350));
+    }
+}

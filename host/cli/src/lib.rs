@@ -1,0 +1,6 @@
+//! The kinesis-host library behind the `kinesis-host` binary: job configuration, the per-shard
+//! pipeline that joins record sources to the task runtime, and `replay`.
+
+pub mod config;
+pub mod pipeline;
+pub mod replay;

@@ -1,0 +1,218 @@
+//! `kinesis-host`: runs tasks written as WebAssembly components over Amazon Kinesis records.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use kinesis_host_runtime::{Runtime, RuntimeConfig, SystemClock, TASK_INTERFACE};
+
+use kinesis_host::config::JobConfig;
+use kinesis_host::replay;
+
+/// Run tasks written as sandboxed WebAssembly components over Amazon Kinesis records.
+#[derive(Debug, Parser)]
+#[command(name = "kinesis-host", version, about)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct GlobalArgs {
+    /// Where compiled components are cached (default: $XDG_CACHE_HOME/kinesis-host or
+    /// ~/.cache/kinesis-host).
+    #[arg(long, global = true, env = "KINESIS_HOST_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Compile components every time instead of using the cache.
+    #[arg(long, global = true)]
+    no_cache: bool,
+    /// Log filter, as RUST_LOG (for example `debug` or `info,task=warn`).
+    #[arg(long, global = true, env = "KINESIS_HOST_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a task over records from a JSON Lines file, locally, with no AWS.
+    Replay(ReplayArgs),
+    /// Check that a component is a kinesis-host task, and list what it imports.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    /// The task component (.wasm).
+    task: PathBuf,
+    /// Records, one JSON object per line: `{"partition_key": "k", "text": "…"}` or with
+    /// `"data": "<base64>"`; optional `shard_id`, `stream`, `sequence_number`,
+    /// `sub_sequence_number`, `explicit_hash_key`, `arrival_millis`.
+    #[arg(long, short, value_name = "FILE")]
+    input: PathBuf,
+    /// The job's settings (task settings, outputs, limits) in job.properties format.
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where to write the emitted records as JSON Lines (default: stdout).
+    #[arg(long, short, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// The stream name for records whose line names none.
+    #[arg(long, default_value = "records")]
+    stream: String,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// The task component (.wasm).
+    task: PathBuf,
+    /// Also validate this job.properties.
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.global.log);
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {}", error_chain(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, skipping causes that the message before already quotes (our
+/// errors say what their source said).
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let message = cause.to_string();
+        if !text.contains(&message) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&message);
+        }
+    }
+    text
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new("info"))
+        .unwrap_or_default()
+        .add_directive("wasmtime=warn".parse().unwrap_or_default())
+        .add_directive("cranelift=warn".parse().unwrap_or_default());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let runtime = Runtime::new(RuntimeConfig {
+        cache_dir: cache_dir(&cli.global),
+        ..RuntimeConfig::default()
+    })?;
+    match cli.command {
+        Command::Replay(args) => replay(&runtime, args),
+        Command::Check(args) => check(&runtime, args),
+    }
+}
+
+fn cache_dir(global: &GlobalArgs) -> Option<PathBuf> {
+    if global.no_cache {
+        return None;
+    }
+    global.cache_dir.clone().or_else(|| {
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))?;
+        Some(base.join("kinesis-host"))
+    })
+}
+
+fn load_config(path: Option<&Path>) -> anyhow::Result<JobConfig> {
+    Ok(match path {
+        Some(path) => JobConfig::load(path)?,
+        None => JobConfig::default(),
+    })
+}
+
+fn replay(runtime: &Runtime, args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let config = load_config(args.config.as_deref())?;
+    let input = replay::read_input(
+        &args.input,
+        &args.stream,
+        config.batch.max_record_bytes,
+        replay::now_millis(),
+    )?;
+    let component = runtime.load(&args.task)?;
+    let mut out: Box<dyn Write> = match &args.output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create output file {}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let summary = replay::replay(&component, &config, input, Arc::new(SystemClock), &mut out)
+        .context("cannot write the emitted records")?;
+    drop(out);
+    let s = summary.stats;
+    eprintln!(
+        "replay: {} records in {} batches from {} shards; {} emitted; {} poison records, {} retries, {} traps; {} shards failed; {:.1} ms",
+        s.records,
+        s.batches,
+        summary.shards,
+        s.emitted,
+        s.poison_records,
+        s.retries,
+        s.traps,
+        summary.failed.len(),
+        summary.elapsed.as_secs_f64() * 1000.0,
+    );
+    for failure in &summary.failed {
+        eprintln!("error: {failure}");
+    }
+    Ok(if summary.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn check(runtime: &Runtime, args: CheckArgs) -> anyhow::Result<ExitCode> {
+    if let Some(path) = &args.config {
+        JobConfig::load(path)?;
+    }
+    let component = runtime.load(&args.task)?;
+    let report = component.report();
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{}: a kinesis-host task ({TASK_INTERFACE}), {} bytes",
+        args.task.display(),
+        report.size
+    )?;
+    let compiled = if report.from_cache { "taken from the cache" } else { "compiled now" };
+    writeln!(out, "machine code: {compiled}")?;
+    writeln!(out, "exports:")?;
+    for name in &report.exports {
+        writeln!(out, "  {name}")?;
+    }
+    writeln!(out, "imports:")?;
+    for name in &report.imports {
+        let note = if name.starts_with("wasi:") {
+            "  (WASI, empty context: no files, environment or sockets)"
+        } else {
+            ""
+        };
+        writeln!(out, "  {name}{note}")?;
+    }
+    if let Some(path) = &args.config {
+        writeln!(out, "config: {} is valid", path.display())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
