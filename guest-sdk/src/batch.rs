@@ -2,21 +2,43 @@
 
 use std::fmt;
 
-use crate::__private::wit::kinesis::task::types::{self, RecordMeta};
+use crate::__private::wit::kinesis::task::types;
+
+/// `u32` spans per record (see the WIT `batch` record).
+const SPANS: usize = 8;
+/// `u64` numbers per record.
+const NUMBERS: usize = 2;
+
+/// The columns of a batch, borrowed.
+#[derive(Clone, Copy)]
+struct Columns<'a> {
+    spans: &'a [u32],
+    numbers: &'a [u64],
+    data: &'a [u8],
+    text: &'a str,
+}
 
 /// A batch of records from one shard, in shard order.
 ///
-/// The host passes the records as one byte buffer plus fixed-size entries that point into it;
-/// a `Batch` hands them out as [`Envelope`]s that borrow from that buffer, with no copies.
+/// The host passes the records in columns (spans, numbers, one byte list of payloads, one
+/// string of keys and sequence numbers); a `Batch` hands them out as [`Envelope`]s that borrow
+/// from those columns, with no copies and no per-record checks beyond bounds.
 pub struct Batch<'a> {
     info: &'a types::BatchInfo,
-    records: &'a [RecordMeta],
-    buffer: &'a [u8],
+    columns: Columns<'a>,
 }
 
 impl<'a> Batch<'a> {
     pub(crate) fn new(batch: &'a types::Batch) -> Self {
-        Self { info: &batch.info, records: &batch.records, buffer: &batch.buffer }
+        Self {
+            info: &batch.info,
+            columns: Columns {
+                spans: &batch.spans,
+                numbers: &batch.numbers,
+                data: &batch.data,
+                text: &batch.text,
+            },
+        }
     }
 
     /// The input stream's name, as the job's `task.inputs` names it.
@@ -36,22 +58,22 @@ impl<'a> Batch<'a> {
 
     /// The number of records.
     pub fn len(&self) -> usize {
-        self.records.len()
+        (self.columns.spans.len() / SPANS).min(self.columns.numbers.len() / NUMBERS)
     }
 
     /// Whether the batch holds no record (the host sends those only when the job asks for them).
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.len() == 0
     }
 
     /// The record at `index`, if there is one.
     pub fn get(&self, index: usize) -> Option<Envelope<'a>> {
-        self.records.get(index).map(|meta| Envelope { meta, buffer: self.buffer, index })
+        (index < self.len()).then_some(Envelope { columns: self.columns, index })
     }
 
     /// The records, in shard order.
     pub fn iter(&self) -> Iter<'a> {
-        Iter { records: self.records.iter().enumerate(), buffer: self.buffer }
+        Iter { columns: self.columns, next: 0, len: self.len() }
     }
 }
 
@@ -75,10 +97,16 @@ impl<'a> IntoIterator for &Batch<'a> {
 }
 
 /// Iterator over a [`Batch`]'s records.
-#[derive(Debug)]
 pub struct Iter<'a> {
-    records: std::iter::Enumerate<std::slice::Iter<'a, RecordMeta>>,
-    buffer: &'a [u8],
+    columns: Columns<'a>,
+    next: usize,
+    len: usize,
+}
+
+impl fmt::Debug for Iter<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Iter").field("next", &self.next).field("len", &self.len).finish()
+    }
 }
 
 impl<'a> Iterator for Iter<'a> {
@@ -86,12 +114,17 @@ impl<'a> Iterator for Iter<'a> {
 
     #[inline]
     fn next(&mut self) -> Option<Envelope<'a>> {
-        let (index, meta) = self.records.next()?;
-        Some(Envelope { meta, buffer: self.buffer, index })
+        if self.next >= self.len {
+            return None;
+        }
+        let index = self.next;
+        self.next += 1;
+        Some(Envelope { columns: self.columns, index })
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        self.records.size_hint()
+        let left = self.len - self.next;
+        (left, Some(left))
     }
 }
 
@@ -100,25 +133,33 @@ impl ExactSizeIterator for Iter<'_> {}
 /// One Kinesis record, borrowed from its batch.
 #[derive(Clone, Copy)]
 pub struct Envelope<'a> {
-    meta: &'a RecordMeta,
-    buffer: &'a [u8],
+    columns: Columns<'a>,
     index: usize,
 }
 
 impl<'a> Envelope<'a> {
+    /// Span `at` (0: data, 2: partition key, 4: sequence number, 6: explicit hash key) as a
+    /// byte range. `index < len` was checked when the envelope was made, so the spans exist.
     #[inline]
-    fn span(&self, offset: u32, len: u32) -> &'a [u8] {
-        let start = offset as usize;
-        // The host builds the spans; an out-of-range one yields an empty slice, never a panic.
-        start
-            .checked_add(len as usize)
-            .and_then(|end| self.buffer.get(start..end))
-            .unwrap_or_default()
+    fn range(&self, at: usize) -> std::ops::Range<usize> {
+        let base = self.index * SPANS + at;
+        let (offset, len) = match self.columns.spans.get(base..base + 2) {
+            Some(&[offset, len]) => (offset as usize, len as usize),
+            _ => (0, 0),
+        };
+        offset..offset.saturating_add(len)
     }
 
     #[inline]
-    fn text(&self, offset: u32, len: u32) -> &'a str {
-        std::str::from_utf8(self.span(offset, len)).unwrap_or_default()
+    fn text(&self, at: usize) -> &'a str {
+        // `str::get` checks only that the range is in bounds and on character boundaries: the
+        // component model checked the whole string once when it crossed.
+        self.columns.text.get(self.range(at)).unwrap_or_default()
+    }
+
+    #[inline]
+    fn number(&self, at: usize) -> u64 {
+        self.columns.numbers.get(self.index * NUMBERS + at).copied().unwrap_or_default()
     }
 
     /// The record's position in its batch; what [`TaskError::poison`](crate::TaskError::poison)
@@ -130,34 +171,34 @@ impl<'a> Envelope<'a> {
     /// The record's data: the user payload, de-aggregated if a KPL producer wrote it.
     #[inline]
     pub fn data(&self) -> &'a [u8] {
-        self.span(self.meta.data_offset, self.meta.data_len)
+        self.columns.data.get(self.range(0)).unwrap_or_default()
     }
 
     /// The partition key the producer chose.
     #[inline]
     pub fn partition_key(&self) -> &'a str {
-        self.text(self.meta.partition_key_offset, self.meta.partition_key_len)
+        self.text(2)
     }
 
     /// The record's sequence number, a decimal string unique within the shard.
+    #[inline]
     pub fn sequence_number(&self) -> &'a str {
-        self.text(self.meta.sequence_number_offset, self.meta.sequence_number_len)
+        self.text(4)
     }
 
     /// The position of the record inside a KPL aggregate; 0 for a record that was not aggregated.
     pub fn sub_sequence_number(&self) -> u64 {
-        self.meta.sub_sequence_number
+        self.number(0)
     }
 
     /// The explicit hash key, when the producer set one (KPL aggregates carry them per record).
     pub fn explicit_hash_key(&self) -> Option<&'a str> {
-        (self.meta.explicit_hash_key_len > 0)
-            .then(|| self.text(self.meta.explicit_hash_key_offset, self.meta.explicit_hash_key_len))
+        Some(self.text(6)).filter(|k| !k.is_empty())
     }
 
     /// When Kinesis accepted the record, in milliseconds since the Unix epoch.
     pub fn approximate_arrival_millis(&self) -> u64 {
-        self.meta.approximate_arrival_millis
+        self.number(1)
     }
 }
 

@@ -227,13 +227,20 @@ impl<T: Task> Harness<T> {
     }
 
     fn pack(&mut self, records: &[TestRecord]) -> wit::Batch {
-        fn span(buffer: &mut Vec<u8>, bytes: &[u8]) -> (u32, u32) {
-            let offset = u32::try_from(buffer.len()).expect("test batch under 4 GiB");
-            buffer.extend_from_slice(bytes);
-            (offset, u32::try_from(bytes.len()).expect("test record under 4 GiB"))
+        fn len32(n: usize) -> u32 {
+            u32::try_from(n).expect("test batches stay under 4 GiB")
         }
-        let mut buffer = Vec::new();
-        let mut metas = Vec::with_capacity(records.len());
+        let mut batch = wit::Batch {
+            info: wit::BatchInfo {
+                stream_name: "test-stream".to_owned(),
+                shard_id: self.shard_id.clone(),
+                millis_behind_latest: None,
+            },
+            spans: Vec::with_capacity(records.len() * 8),
+            numbers: Vec::with_capacity(records.len() * 2),
+            data: Vec::new(),
+            text: String::new(),
+        };
         for r in records {
             let sequence = if r.sequence_number.is_empty() {
                 let n = self.next_sequence;
@@ -242,34 +249,16 @@ impl<T: Task> Harness<T> {
             } else {
                 r.sequence_number.clone()
             };
-            let (data_offset, data_len) = span(&mut buffer, &r.data);
-            let (partition_key_offset, partition_key_len) =
-                span(&mut buffer, r.partition_key.as_bytes());
-            let (sequence_number_offset, sequence_number_len) =
-                span(&mut buffer, sequence.as_bytes());
-            let (explicit_hash_key_offset, explicit_hash_key_len) =
-                span(&mut buffer, r.explicit_hash_key.as_deref().unwrap_or_default().as_bytes());
-            metas.push(wit::RecordMeta {
-                data_offset,
-                data_len,
-                partition_key_offset,
-                partition_key_len,
-                sequence_number_offset,
-                sequence_number_len,
-                explicit_hash_key_offset,
-                explicit_hash_key_len,
-                sub_sequence_number: r.sub_sequence_number,
-                approximate_arrival_millis: r.approximate_arrival_millis,
-            });
+            batch.spans.extend([len32(batch.data.len()), len32(r.data.len())]);
+            batch.data.extend_from_slice(&r.data);
+            for text in
+                [&r.partition_key, &sequence, r.explicit_hash_key.as_deref().unwrap_or_default()]
+            {
+                batch.spans.extend([len32(batch.text.len()), len32(text.len())]);
+                batch.text.push_str(text);
+            }
+            batch.numbers.extend([r.sub_sequence_number, r.approximate_arrival_millis]);
         }
-        wit::Batch {
-            info: wit::BatchInfo {
-                stream_name: "test-stream".to_owned(),
-                shard_id: self.shard_id.clone(),
-                millis_behind_latest: None,
-            },
-            records: metas,
-            buffer,
-        }
+        batch
     }
 }

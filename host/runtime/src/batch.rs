@@ -1,11 +1,18 @@
 //! Packing records into the columnar batch that crosses into the guest.
 //!
-//! A batch is one byte buffer with every payload, partition key, sequence number and hash key,
-//! plus a fixed-size entry per record pointing into it. The canonical ABI copies it into guest
-//! memory with three allocations, whatever the record count; a `list<record>` with strings
-//! would cost three allocations per record (see `wasm-perf` in the README).
+//! A batch is four columns: eight `u32` spans and two `u64` numbers per record, every payload
+//! back to back in one byte list, and every partition key, sequence number and hash key back to
+//! back in one string. Each column is a primitive list, which the canonical ABI copies with one
+//! guest allocation and one `memcpy`, whatever the record count; a `list<record>` with string
+//! fields costs an allocation and a copy per field per record (see the README's performance
+//! section).
 
-use crate::bindings::kinesis::task::types::{Batch as WitBatch, BatchInfo, RecordMeta};
+use crate::bindings::kinesis::task::types::{Batch as WitBatch, BatchInfo};
+
+/// `u32` spans per record in [`WitBatch::spans`].
+const SPANS: usize = 8;
+/// `u64` numbers per record in [`WitBatch::numbers`].
+const NUMBERS: usize = 2;
 
 /// One record to pack, borrowed from wherever it was decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,19 +61,23 @@ impl Batch {
                     shard_id: shard_id.to_owned(),
                     millis_behind_latest: None,
                 },
-                records: Vec::new(),
-                buffer: Vec::new(),
+                spans: Vec::new(),
+                numbers: Vec::new(),
+                data: Vec::new(),
+                text: String::new(),
             },
             max_records: max_records.max(1),
-            // Offsets are u32: never let the buffer reach 4 GiB.
+            // Offsets are u32: never let a column reach 4 GiB.
             max_bytes: max_bytes.min(u32::MAX as usize / 2),
         }
     }
 
     /// Empties the batch, keeping its allocations.
     pub fn clear(&mut self) {
-        self.inner.records.clear();
-        self.inner.buffer.clear();
+        self.inner.spans.clear();
+        self.inner.numbers.clear();
+        self.inner.data.clear();
+        self.inner.text.clear();
         self.inner.info.millis_behind_latest = None;
     }
 
@@ -87,17 +98,17 @@ impl Batch {
 
     /// Records in the batch.
     pub fn len(&self) -> usize {
-        self.inner.records.len()
+        self.inner.numbers.len() / NUMBERS
     }
 
     /// Whether the batch holds no record.
     pub fn is_empty(&self) -> bool {
-        self.inner.records.is_empty()
+        self.inner.numbers.is_empty()
     }
 
-    /// Bytes in the batch's buffer.
+    /// Bytes of data and text in the batch.
     pub fn buffer_len(&self) -> usize {
-        self.inner.buffer.len()
+        self.inner.data.len() + self.inner.text.len()
     }
 
     /// Whether `record` fits: the batch is below its record count and byte limits, or empty.
@@ -108,55 +119,59 @@ impl Batch {
     }
 
     /// Appends `record` if it [fits](Self::fits); returns whether it did.
+    #[inline]
     pub fn push(&mut self, record: &RecordRef<'_>) -> bool {
         if !self.fits(record) {
             return false;
         }
-        let buffer = &mut self.inner.buffer;
-        let mut span = |bytes: &[u8]| {
-            // In range: `fits` keeps the buffer below `max_bytes` < u32::MAX, except for a
-            // single record in an empty batch, which the caller bounds by the record size limit.
-            let offset = u32::try_from(buffer.len()).unwrap_or(u32::MAX);
-            buffer.extend_from_slice(bytes);
-            (offset, u32::try_from(bytes.len()).unwrap_or(u32::MAX))
-        };
-        let (data_offset, data_len) = span(record.data);
-        let (partition_key_offset, partition_key_len) = span(record.partition_key.as_bytes());
-        let (sequence_number_offset, sequence_number_len) = span(record.sequence_number.as_bytes());
-        let (explicit_hash_key_offset, explicit_hash_key_len) =
-            span(record.explicit_hash_key.unwrap_or_default().as_bytes());
-        self.inner.records.push(RecordMeta {
+        // In range: `fits` keeps the columns below `max_bytes` < u32::MAX / 2, except for a single
+        // record in an empty batch, which callers bound by the record size limit (10 MiB at most).
+        let len32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let b = &mut self.inner;
+        let (pk, seq, ehk) = (
+            record.partition_key,
+            record.sequence_number,
+            record.explicit_hash_key.unwrap_or_default(),
+        );
+        let data_offset = len32(b.data.len());
+        let pk_offset = len32(b.text.len());
+        let seq_offset = pk_offset.saturating_add(len32(pk.len()));
+        let ehk_offset = seq_offset.saturating_add(len32(seq.len()));
+        b.data.extend_from_slice(record.data);
+        b.text.reserve(pk.len() + seq.len() + ehk.len());
+        b.text.push_str(pk);
+        b.text.push_str(seq);
+        b.text.push_str(ehk);
+        b.spans.extend_from_slice(&[
             data_offset,
-            data_len,
-            partition_key_offset,
-            partition_key_len,
-            sequence_number_offset,
-            sequence_number_len,
-            explicit_hash_key_offset,
-            explicit_hash_key_len,
-            sub_sequence_number: record.sub_sequence_number,
-            approximate_arrival_millis: record.approximate_arrival_millis,
-        });
+            len32(record.data.len()),
+            pk_offset,
+            len32(pk.len()),
+            seq_offset,
+            len32(seq.len()),
+            ehk_offset,
+            len32(ehk.len()),
+        ]);
+        b.numbers
+            .extend_from_slice(&[record.sub_sequence_number, record.approximate_arrival_millis]);
         true
     }
 
     /// The record at `index`.
     pub fn get(&self, index: usize) -> Option<RecordRef<'_>> {
-        let meta = self.inner.records.get(index)?;
-        let buffer = &self.inner.buffer;
-        let bytes = |offset: u32, len: u32| -> &[u8] {
-            buffer.get(offset as usize..offset as usize + len as usize).unwrap_or_default()
-        };
-        // Strings were pushed from `&str`, so they are valid UTF-8.
-        let text = |offset, len| std::str::from_utf8(bytes(offset, len)).unwrap_or_default();
+        let b = &self.inner;
+        let spans = b.spans.get(index * SPANS..(index + 1) * SPANS)?;
+        let numbers = b.numbers.get(index * NUMBERS..(index + 1) * NUMBERS)?;
+        let range = |at: usize| spans[at] as usize..spans[at] as usize + spans[at + 1] as usize;
+        let text = |at: usize| b.text.get(range(at)).unwrap_or_default();
+        let explicit_hash_key = text(6);
         Some(RecordRef {
-            data: bytes(meta.data_offset, meta.data_len),
-            partition_key: text(meta.partition_key_offset, meta.partition_key_len),
-            sequence_number: text(meta.sequence_number_offset, meta.sequence_number_len),
-            sub_sequence_number: meta.sub_sequence_number,
-            explicit_hash_key: (meta.explicit_hash_key_len > 0)
-                .then(|| text(meta.explicit_hash_key_offset, meta.explicit_hash_key_len)),
-            approximate_arrival_millis: meta.approximate_arrival_millis,
+            data: b.data.get(range(0)).unwrap_or_default(),
+            partition_key: text(2),
+            sequence_number: text(4),
+            sub_sequence_number: numbers[0],
+            explicit_hash_key: (!explicit_hash_key.is_empty()).then_some(explicit_hash_key),
+            approximate_arrival_millis: numbers[1],
         })
     }
 
