@@ -154,7 +154,7 @@ fn check_lists_exports_and_imports_and_uses_the_cache() {
     let (out, first, stderr) = check();
     assert!(out.status.success(), "{stderr}");
     assert!(first.contains("a kinesis-host task (kinesis:task/task@0.1.0)"), "{first}");
-    assert!(first.contains("machine code: compiled now"), "{first}");
+    assert!(first.contains("machine code: compiled now (loaded in "), "{first}");
     assert!(first.contains("exports:\n  kinesis:task/task@0.1.0\n"), "{first}");
     for import in ["kinesis:task/state@0.1.0", "kinesis:task/output@0.1.0", "wasi:cli/stderr@0.2.6"]
     {
@@ -168,7 +168,7 @@ fn check_lists_exports_and_imports_and_uses_the_cache() {
         .collect();
     assert_eq!(cached.len(), 1, "one compiled component in the cache");
     let (_, second, _) = check();
-    assert!(second.contains("machine code: taken from the cache"), "{second}");
+    assert!(second.contains("machine code: taken from the cache (loaded in "), "{second}");
 }
 
 /// Runs `replay` expecting failure; returns the one `error:` line.

@@ -32,19 +32,22 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), PathBuf::from)
 }
 
-/// The component of guest package `name`, building all guests once per test process (cargo
-/// makes this a no-op when they are fresh). Guests use their own target folder so this build
-/// never waits on the lock of the build that runs the tests.
+/// The component of guest package `name`, building all guests once per test process into the
+/// workspace's one target folder (a no-op when `scripts/test.sh` built them already).
 pub fn guest(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
-        let target = target_dir().join("guests");
+        let target = target_dir();
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.current_dir(workspace())
-            .args(["build", "--quiet", "--profile", "guest", "--target", "wasm32-wasip2"])
-            .arg("--target-dir")
-            .arg(&target);
+        cmd.current_dir(workspace()).args([
+            "build",
+            "--quiet",
+            "--profile",
+            "guest",
+            "--target",
+            "wasm32-wasip2",
+        ]);
         for guest in GUESTS {
             cmd.args(["-p", guest]);
         }

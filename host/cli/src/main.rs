@@ -187,7 +187,9 @@ fn check(runtime: &Runtime, args: CheckArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.config {
         JobConfig::load(path)?;
     }
+    let started = std::time::Instant::now();
     let component = runtime.load(&args.task)?;
+    let load_ms = started.elapsed().as_secs_f64() * 1000.0;
     let report = component.report();
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -197,7 +199,7 @@ fn check(runtime: &Runtime, args: CheckArgs) -> anyhow::Result<ExitCode> {
         report.size
     )?;
     let compiled = if report.from_cache { "taken from the cache" } else { "compiled now" };
-    writeln!(out, "machine code: {compiled}")?;
+    writeln!(out, "machine code: {compiled} (loaded in {load_ms:.1} ms)")?;
     writeln!(out, "exports:")?;
     for name in &report.exports {
         writeln!(out, "  {name}")?;
