@@ -1,0 +1,571 @@
+//! The lease table: KCL 2.x's DynamoDB schema and conditional writes, so that a table written by
+//! the Java KCL is continued from its checkpoints and ours can be read by KCL.
+//!
+//! Every write to a lease is conditional on the `leaseCounter` last seen, and increments it: a
+//! matching counter proves nobody touched the lease since, and a worker that lost a lease can
+//! never checkpoint it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode as DdbBillingMode, KeySchemaElement, KeyType,
+    ProvisionedThroughput, ScalarAttributeType, TableStatus,
+};
+
+use crate::checkpoint::{Checkpoint, CheckpointError};
+
+/// KCL's attribute names.
+pub mod attr {
+    /// Hash key: the shard id.
+    pub const LEASE_KEY: &str = "leaseKey";
+    /// The worker holding the lease; absent when unassigned.
+    pub const LEASE_OWNER: &str = "leaseOwner";
+    /// Incremented by every write; the optimistic lock and the heartbeat.
+    pub const LEASE_COUNTER: &str = "leaseCounter";
+    /// The checkpoint's sequence number or sentinel.
+    pub const CHECKPOINT: &str = "checkpoint";
+    /// The checkpoint's KPL sub-sequence number.
+    pub const CHECKPOINT_SUB: &str = "checkpointSubSequenceNumber";
+    /// Owner changes since the last checkpoint.
+    pub const OWNER_SWITCHES: &str = "ownerSwitchesSinceCheckpoint";
+    /// Parent shard ids (a string set).
+    pub const PARENT_SHARD_ID: &str = "parentShardId";
+    /// Child shard ids (a string set), written at shard end.
+    pub const CHILD_SHARD_IDS: &str = "childShardIds";
+    /// The shard's first hash key (decimal).
+    pub const STARTING_HASH_KEY: &str = "startingHashKey";
+    /// The shard's last hash key (decimal).
+    pub const ENDING_HASH_KEY: &str = "endingHashKey";
+    /// A two-phase checkpoint (KCL's `prepareCheckpoint`).
+    pub const PENDING_CHECKPOINT: &str = "pendingCheckpoint";
+    /// Its sub-sequence number.
+    pub const PENDING_CHECKPOINT_SUB: &str = "pendingCheckpointSubSequenceNumber";
+    /// Its application state.
+    pub const PENDING_CHECKPOINT_STATE: &str = "pendingCheckpointState";
+    /// KCL 3.5 stores other entities in the lease table; leases have none or `LEASE`.
+    pub const ENTITY_TYPE: &str = "entityType";
+}
+
+/// One lease: a shard and who processes it, up to where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The shard id.
+    pub key: String,
+    /// The holder's worker id.
+    pub owner: Option<String>,
+    /// The counter as last read or written.
+    pub counter: u64,
+    /// Where processing is.
+    pub checkpoint: Checkpoint,
+    /// Owner changes since the last checkpoint.
+    pub owner_switches_since_checkpoint: u64,
+    /// The shard's parents.
+    pub parent_shard_ids: Vec<String>,
+    /// The shard's children, known at shard end.
+    pub child_shard_ids: Vec<String>,
+    /// The shard's hash key range (decimal strings), when known.
+    pub hash_range: Option<(String, String)>,
+}
+
+impl Lease {
+    /// A new, unowned lease.
+    pub fn new(key: &str, checkpoint: Checkpoint, parents: Vec<String>) -> Self {
+        Self {
+            key: key.to_owned(),
+            owner: None,
+            counter: 0,
+            checkpoint,
+            owner_switches_since_checkpoint: 0,
+            parent_shard_ids: parents,
+            child_shard_ids: Vec::new(),
+            hash_range: None,
+        }
+    }
+}
+
+/// Billing of a table this host creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Billing {
+    /// On-demand (KCL 2.x's default).
+    PayPerRequest,
+    /// Provisioned capacity.
+    Provisioned {
+        /// Read capacity units.
+        read: i64,
+        /// Write capacity units.
+        write: i64,
+    },
+}
+
+/// Why a lease operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// The lease changed since we last saw it: another worker took it (or it was checkpointed
+    /// by one). The caller no longer holds it.
+    #[error(
+        "lease {lease_key} in table {table} changed since leaseCounter {counter}: another worker took it"
+    )]
+    Lost {
+        /// The table.
+        table: String,
+        /// The lease.
+        lease_key: String,
+        /// The counter we expected.
+        counter: u64,
+    },
+    /// A DynamoDB call failed.
+    #[error("DynamoDB {operation} on table {table}{} failed: {message}", lease_key.as_deref().map(|k| format!(" (lease {k})")).unwrap_or_default())]
+    Aws {
+        /// The operation.
+        operation: &'static str,
+        /// The table.
+        table: String,
+        /// The lease, if one.
+        lease_key: Option<String>,
+        /// The SDK's error, with its service message.
+        message: String,
+    },
+    /// An item does not look like a KCL lease.
+    #[error("lease table {table}: item {lease_key} is not a valid lease: {problem}")]
+    Malformed {
+        /// The table.
+        table: String,
+        /// The item's key.
+        lease_key: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The table did not become active in time.
+    #[error("lease table {table} is not ACTIVE after {waited:?}; check the table in DynamoDB")]
+    NotActive {
+        /// The table.
+        table: String,
+        /// How long we waited.
+        waited: Duration,
+    },
+}
+
+/// The DynamoDB lease table of one stream.
+#[derive(Debug, Clone)]
+pub struct LeaseTable {
+    client: Client,
+    table: String,
+}
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: u64) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn sdk_message<E: std::error::Error>(e: &E) -> String {
+    // DisplayErrorContext prints the whole chain, with the service's own message.
+    aws_smithy_types::error::display::DisplayErrorContext(e).to_string()
+}
+
+impl LeaseTable {
+    /// The table `table`, reached with `client`.
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        Self { client, table: table.into() }
+    }
+
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        &self.table
+    }
+
+    fn aws(&self, operation: &'static str, lease_key: Option<&str>, message: String) -> LeaseError {
+        LeaseError::Aws {
+            operation,
+            table: self.table.clone(),
+            lease_key: lease_key.map(str::to_owned),
+            message,
+        }
+    }
+
+    fn lost(&self, lease: &Lease) -> LeaseError {
+        LeaseError::Lost {
+            table: self.table.clone(),
+            lease_key: lease.key.clone(),
+            counter: lease.counter,
+        }
+    }
+
+    /// Creates the table if it does not exist (KCL's key schema), and waits until it is active.
+    ///
+    /// # Errors
+    /// When DynamoDB refuses, or the table stays inactive for `wait`.
+    pub async fn ensure_exists(&self, billing: Billing, wait: Duration) -> Result<(), LeaseError> {
+        if self.status().await? == Some(TableStatus::Active) {
+            return Ok(());
+        }
+        let mut create = self
+            .client
+            .create_table()
+            .table_name(&self.table)
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name(attr::LEASE_KEY)
+                    .key_type(KeyType::Hash)
+                    .build()
+                    .map_err(|e| self.aws("CreateTable", None, e.to_string()))?,
+            )
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name(attr::LEASE_KEY)
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .map_err(|e| self.aws("CreateTable", None, e.to_string()))?,
+            );
+        create = match billing {
+            Billing::PayPerRequest => create.billing_mode(DdbBillingMode::PayPerRequest),
+            Billing::Provisioned { read, write } => {
+                create.billing_mode(DdbBillingMode::Provisioned).provisioned_throughput(
+                    ProvisionedThroughput::builder()
+                        .read_capacity_units(read)
+                        .write_capacity_units(write)
+                        .build()
+                        .map_err(|e| self.aws("CreateTable", None, e.to_string()))?,
+                )
+            }
+        };
+        match create.send().await {
+            Ok(_) => tracing::info!(table = %self.table, "Created the lease table."),
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_resource_in_use_exception()) => {}
+            Err(e) => return Err(self.aws("CreateTable", None, sdk_message(&e))),
+        }
+        let started = tokio::time::Instant::now();
+        while started.elapsed() < wait {
+            if self.status().await? == Some(TableStatus::Active) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(LeaseError::NotActive { table: self.table.clone(), waited: wait })
+    }
+
+    async fn status(&self) -> Result<Option<TableStatus>, LeaseError> {
+        match self.client.describe_table().table_name(&self.table).send().await {
+            Ok(out) => Ok(out.table().and_then(|t| t.table_status()).cloned()),
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_resource_not_found_exception()) => {
+                Ok(None)
+            }
+            Err(e) => Err(self.aws("DescribeTable", None, sdk_message(&e))),
+        }
+    }
+
+    /// Every lease in the table (consistent read), skipping KCL 3.5's non-lease entities.
+    ///
+    /// # Errors
+    /// When a scan fails or an item is not a valid lease.
+    pub async fn list(&self) -> Result<Vec<Lease>, LeaseError> {
+        let mut leases = Vec::new();
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        loop {
+            let out = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| self.aws("Scan", None, sdk_message(&e)))?;
+            for item in out.items() {
+                if let Some(lease) = self.parse_item(item)? {
+                    leases.push(lease);
+                }
+            }
+            match out.last_evaluated_key() {
+                Some(key) if !key.is_empty() => start = Some(key.clone()),
+                _ => break,
+            }
+        }
+        leases.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(leases)
+    }
+
+    /// One lease (consistent read).
+    ///
+    /// # Errors
+    /// When the read fails or the item is not a valid lease.
+    pub async fn get(&self, key: &str) -> Result<Option<Lease>, LeaseError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(attr::LEASE_KEY, s(key))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| self.aws("GetItem", Some(key), sdk_message(&e)))?;
+        match out.item() {
+            Some(item) => self.parse_item(item),
+            None => Ok(None),
+        }
+    }
+
+    /// Creates `lease` unless a lease for its shard exists; returns whether it created it.
+    ///
+    /// # Errors
+    /// When DynamoDB fails.
+    pub async fn create_if_not_exists(&self, lease: &Lease) -> Result<bool, LeaseError> {
+        let mut put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item(attr::LEASE_KEY, s(&lease.key))
+            .item(attr::LEASE_COUNTER, n(lease.counter))
+            .item(attr::CHECKPOINT, s(lease.checkpoint.as_str()))
+            .item(attr::CHECKPOINT_SUB, n(lease.checkpoint.sub_sequence_number()))
+            .item(attr::OWNER_SWITCHES, n(lease.owner_switches_since_checkpoint))
+            .condition_expression("attribute_not_exists(#k)")
+            .expression_attribute_names("#k", attr::LEASE_KEY);
+        if let Some(owner) = &lease.owner {
+            put = put.item(attr::LEASE_OWNER, s(owner));
+        }
+        if !lease.parent_shard_ids.is_empty() {
+            put =
+                put.item(attr::PARENT_SHARD_ID, AttributeValue::Ss(lease.parent_shard_ids.clone()));
+        }
+        if let Some((start, end)) = &lease.hash_range {
+            put = put.item(attr::STARTING_HASH_KEY, s(start)).item(attr::ENDING_HASH_KEY, s(end));
+        }
+        match put.send().await {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.aws("PutItem", Some(&lease.key), sdk_message(&e))),
+        }
+    }
+
+    /// Runs a conditional update on `lease` (condition: the counter is unchanged; the update
+    /// increments it) and returns the lease as written.
+    async fn update(
+        &self,
+        operation: &'static str,
+        lease: &Lease,
+        set: &str,
+        values: Vec<(&str, AttributeValue)>,
+        updated: Lease,
+    ) -> Result<Lease, LeaseError> {
+        let mut request = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(attr::LEASE_KEY, s(&lease.key))
+            .update_expression(set)
+            .condition_expression("#counter = :counter")
+            .expression_attribute_names("#counter", attr::LEASE_COUNTER)
+            .expression_attribute_values(":counter", n(lease.counter))
+            .expression_attribute_values(":next", n(lease.counter + 1));
+        for (name, value) in values {
+            request = request.expression_attribute_values(name, value);
+        }
+        for (placeholder, name) in [
+            ("#owner", attr::LEASE_OWNER),
+            ("#cp", attr::CHECKPOINT),
+            ("#cpsub", attr::CHECKPOINT_SUB),
+            ("#switches", attr::OWNER_SWITCHES),
+            ("#pending", attr::PENDING_CHECKPOINT),
+            ("#pendingsub", attr::PENDING_CHECKPOINT_SUB),
+            ("#pendingstate", attr::PENDING_CHECKPOINT_STATE),
+            ("#children", attr::CHILD_SHARD_IDS),
+        ] {
+            if set.contains(placeholder) {
+                request = request.expression_attribute_names(placeholder, name);
+            }
+        }
+        match request.send().await {
+            Ok(_) => Ok(updated),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Err(self.lost(lease))
+            }
+            Err(e) => Err(self.aws(operation, Some(&lease.key), sdk_message(&e))),
+        }
+    }
+
+    /// Takes `lease` (as last seen) for `owner`.
+    ///
+    /// # Errors
+    /// [`LeaseError::Lost`] when someone else wrote it first.
+    pub async fn take(&self, lease: &Lease, owner: &str) -> Result<Lease, LeaseError> {
+        let switched = lease.owner.as_deref() != Some(owner);
+        let mut updated = lease.clone();
+        updated.owner = Some(owner.to_owned());
+        updated.counter += 1;
+        let mut values = vec![(":me", s(owner))];
+        let set = if switched {
+            updated.owner_switches_since_checkpoint += 1;
+            values.push((":one", n(1)));
+            "SET #counter = :next, #owner = :me ADD #switches :one"
+        } else {
+            "SET #counter = :next, #owner = :me"
+        };
+        let taken = self.update("UpdateItem (take)", lease, set, values, updated).await?;
+        tracing::info!(table = %self.table, lease = %lease.key, owner, counter = taken.counter, previous_owner = lease.owner.as_deref().unwrap_or("-"), "Took lease.");
+        Ok(taken)
+    }
+
+    /// Renews `lease` (bumps its counter), proving we still hold it.
+    ///
+    /// # Errors
+    /// [`LeaseError::Lost`] when someone else wrote it since.
+    pub async fn renew(&self, lease: &Lease) -> Result<Lease, LeaseError> {
+        let mut updated = lease.clone();
+        updated.counter += 1;
+        self.update("UpdateItem (renew)", lease, "SET #counter = :next", vec![], updated).await
+    }
+
+    /// Checkpoints `lease` at `checkpoint`.
+    ///
+    /// # Errors
+    /// [`LeaseError::Lost`] when the lease changed since we last wrote it: the caller lost it
+    /// and must stop processing the shard.
+    pub async fn checkpoint(
+        &self,
+        lease: &Lease,
+        checkpoint: Checkpoint,
+    ) -> Result<Lease, LeaseError> {
+        let mut updated = lease.clone();
+        updated.counter += 1;
+        updated.owner_switches_since_checkpoint = 0;
+        let values = vec![
+            (":cp", s(checkpoint.as_str())),
+            (":cpsub", n(checkpoint.sub_sequence_number())),
+            (":zero", n(0)),
+        ];
+        updated.checkpoint = checkpoint;
+        self.update(
+            "UpdateItem (checkpoint)",
+            lease,
+            "SET #counter = :next, #cp = :cp, #cpsub = :cpsub, #switches = :zero \
+             REMOVE #pending, #pendingsub, #pendingstate",
+            values,
+            updated,
+        )
+        .await
+    }
+
+    /// Records a shard's children on its lease (at shard end).
+    ///
+    /// # Errors
+    /// [`LeaseError::Lost`] when the lease changed since.
+    pub async fn set_children(
+        &self,
+        lease: &Lease,
+        children: Vec<String>,
+    ) -> Result<Lease, LeaseError> {
+        let mut updated = lease.clone();
+        updated.counter += 1;
+        updated.child_shard_ids.clone_from(&children);
+        self.update(
+            "UpdateItem (children)",
+            lease,
+            "SET #counter = :next, #children = :children",
+            vec![(":children", AttributeValue::Ss(children))],
+            updated,
+        )
+        .await
+    }
+
+    /// Gives `lease` up: removes the owner, so any worker (ours or KCL's) may take it at once.
+    ///
+    /// # Errors
+    /// [`LeaseError::Lost`] when the lease changed since.
+    pub async fn release(&self, lease: &Lease) -> Result<(), LeaseError> {
+        let mut updated = lease.clone();
+        updated.counter += 1;
+        updated.owner = None;
+        self.update(
+            "UpdateItem (release)",
+            lease,
+            "SET #counter = :next REMOVE #owner",
+            vec![],
+            updated,
+        )
+        .await?;
+        tracing::info!(table = %self.table, lease = %lease.key, "Released lease.");
+        Ok(())
+    }
+
+    /// Deletes a lease (after its shard ended and its children started).
+    ///
+    /// # Errors
+    /// When DynamoDB fails.
+    pub async fn delete(&self, key: &str) -> Result<(), LeaseError> {
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .key(attr::LEASE_KEY, s(key))
+            .send()
+            .await
+            .map_err(|e| self.aws("DeleteItem", Some(key), sdk_message(&e)))?;
+        Ok(())
+    }
+
+    fn parse_item(
+        &self,
+        item: &HashMap<String, AttributeValue>,
+    ) -> Result<Option<Lease>, LeaseError> {
+        let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).map(String::as_str);
+        let key = text(attr::LEASE_KEY).unwrap_or_default().to_owned();
+        if text(attr::ENTITY_TYPE).is_some_and(|t| t != "LEASE") {
+            return Ok(None);
+        }
+        let malformed = |problem: String| LeaseError::Malformed {
+            table: self.table.clone(),
+            lease_key: key.clone(),
+            problem,
+        };
+        let number = |name: &str| -> Result<u64, LeaseError> {
+            match item.get(name) {
+                None => Ok(0),
+                Some(AttributeValue::N(v)) => {
+                    v.parse().map_err(|_| malformed(format!("{name} is {v:?}, not a whole number")))
+                }
+                Some(other) => Err(malformed(format!("{name} is {other:?}, not a number"))),
+            }
+        };
+        let set = |name: &str| -> Vec<String> {
+            match item.get(name) {
+                Some(AttributeValue::Ss(v)) => v.clone(),
+                Some(AttributeValue::S(v)) => vec![v.clone()],
+                _ => Vec::new(),
+            }
+        };
+        if key.is_empty() {
+            return Err(malformed("it has no leaseKey string".into()));
+        }
+        let checkpoint = Checkpoint::parse(
+            text(attr::CHECKPOINT).unwrap_or("TRIM_HORIZON"),
+            number(attr::CHECKPOINT_SUB)?,
+        )
+        .map_err(|CheckpointError { value }| {
+            malformed(format!("checkpoint {value:?} is not a sequence number or sentinel"))
+        })?;
+        Ok(Some(Lease {
+            owner: text(attr::LEASE_OWNER).map(str::to_owned),
+            counter: number(attr::LEASE_COUNTER)?,
+            checkpoint,
+            owner_switches_since_checkpoint: number(attr::OWNER_SWITCHES)?,
+            parent_shard_ids: set(attr::PARENT_SHARD_ID),
+            child_shard_ids: set(attr::CHILD_SHARD_IDS),
+            hash_range: text(attr::STARTING_HASH_KEY)
+                .zip(text(attr::ENDING_HASH_KEY))
+                .map(|(a, b)| (a.to_owned(), b.to_owned())),
+            key,
+        }))
+    }
+}

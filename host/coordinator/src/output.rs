@@ -1,0 +1,161 @@
+//! Producing the task's emits to Kinesis with `PutRecords`: requests within the service limits
+//! (500 records, 5 MiB), only failed entries retried, with back-off.
+
+use std::time::Duration;
+
+use aws_sdk_kinesis::Client;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+
+/// Records per `PutRecords` request.
+pub const MAX_RECORDS_PER_REQUEST: usize = 500;
+/// Bytes (data plus partition keys) per `PutRecords` request.
+pub const MAX_BYTES_PER_REQUEST: usize = 5 << 20;
+
+/// A record to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputRecord {
+    /// The partition key.
+    pub partition_key: String,
+    /// The explicit hash key, if any.
+    pub explicit_hash_key: Option<String>,
+    /// The data.
+    pub data: Vec<u8>,
+}
+
+/// Why records could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// Kinesis kept refusing some records.
+    #[error(
+        "PutRecords to stream {stream} failed for {failed} records after {attempts} attempts: {message}"
+    )]
+    Failed {
+        /// The stream.
+        stream: String,
+        /// Records still not written.
+        failed: usize,
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        message: String,
+    },
+    /// The request could not be built (a record the SDK refuses).
+    #[error("cannot build a PutRecords entry for stream {stream}: {message}")]
+    Invalid {
+        /// The stream.
+        stream: String,
+        /// The SDK's message.
+        message: String,
+    },
+}
+
+/// Sends records to one stream.
+#[derive(Debug, Clone)]
+pub struct Producer {
+    client: Client,
+    stream: String,
+    max_attempts: u32,
+}
+
+impl Producer {
+    /// A producer for `stream`.
+    pub fn new(client: Client, stream: impl Into<String>) -> Self {
+        Self { client, stream: stream.into(), max_attempts: 8 }
+    }
+
+    /// The stream.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// Sends every record, in order, in as few requests as the limits allow; returns when all
+    /// are acknowledged. A request's failed entries are retried with back-off: their order
+    /// relative to later records of the same partition key in the same request is then not
+    /// kept (as with any PutRecords client).
+    ///
+    /// # Errors
+    /// When some records still fail after the last attempt.
+    pub async fn send(&self, records: &[OutputRecord]) -> Result<(), ProduceError> {
+        let mut start = 0;
+        while start < records.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < records.len() && end - start < MAX_RECORDS_PER_REQUEST {
+                let size = records[end].data.len() + records[end].partition_key.len();
+                if end > start && bytes + size > MAX_BYTES_PER_REQUEST {
+                    break;
+                }
+                bytes += size;
+                end += 1;
+            }
+            self.send_request(&records[start..end]).await?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    async fn send_request(&self, records: &[OutputRecord]) -> Result<(), ProduceError> {
+        let mut pending: Vec<&OutputRecord> = records.iter().collect();
+        let mut backoff = Duration::from_millis(100);
+        let mut last_error = String::new();
+        for attempt in 1..=self.max_attempts {
+            let entries = pending
+                .iter()
+                .map(|r| {
+                    PutRecordsRequestEntry::builder()
+                        .data(Blob::new(r.data.clone()))
+                        .partition_key(&r.partition_key)
+                        .set_explicit_hash_key(r.explicit_hash_key.clone())
+                        .build()
+                        .map_err(|e| ProduceError::Invalid {
+                            stream: self.stream.clone(),
+                            message: e.to_string(),
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            match self
+                .client
+                .put_records()
+                .stream_name(&self.stream)
+                .set_records(Some(entries))
+                .send()
+                .await
+            {
+                Ok(out) if out.failed_record_count().unwrap_or(0) == 0 => return Ok(()),
+                Ok(out) => {
+                    let results = out.records();
+                    let mut still = Vec::new();
+                    for (record, result) in pending.iter().zip(results) {
+                        if result.error_code().is_some() {
+                            last_error = format!(
+                                "{}: {}",
+                                result.error_code().unwrap_or_default(),
+                                result.error_message().unwrap_or_default()
+                            );
+                            still.push(*record);
+                        }
+                    }
+                    tracing::debug!(stream = %self.stream, failed = still.len(), attempt, "PutRecords partly failed; retrying the failed records.");
+                    pending = still;
+                }
+                Err(e) => {
+                    last_error =
+                        aws_smithy_types::error::display::DisplayErrorContext(&e).to_string();
+                    tracing::warn!(stream = %self.stream, attempt, error = %last_error, "PutRecords failed; retrying.");
+                }
+            }
+            if pending.is_empty() {
+                return Ok(());
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        Err(ProduceError::Failed {
+            stream: self.stream.clone(),
+            failed: pending.len(),
+            attempts: self.max_attempts,
+            message: last_error,
+        })
+    }
+}

@@ -1,0 +1,618 @@
+//! One host's share of a stream: takes and renews leases (KCL's protocol), runs one reader
+//! task per held shard, checkpoints, follows resharding, and on shutdown finishes the batches
+//! in flight, checkpoints and releases its leases so another host takes them at once.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_sdk_kinesis::Client as KinesisClient;
+use tokio::sync::{Mutex, Notify, watch};
+use tokio::task::JoinSet;
+
+use crate::checkpoint::Checkpoint;
+use crate::kpl;
+use crate::lease::{Billing, Lease, LeaseError, LeaseTable};
+use crate::reader::{ReadError, ShardReader, list_shards};
+
+/// A user record ready for a task: de-aggregated, in shard order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardRecord {
+    /// The Kinesis record's sequence number.
+    pub sequence_number: String,
+    /// The position inside a KPL aggregate, 0 otherwise.
+    pub sub_sequence_number: u64,
+    /// The partition key.
+    pub partition_key: String,
+    /// The explicit hash key, if any.
+    pub explicit_hash_key: Option<String>,
+    /// The data.
+    pub data: Vec<u8>,
+    /// When Kinesis accepted the record, in milliseconds since the Unix epoch.
+    pub arrival_millis: u64,
+}
+
+/// Why a shard's processor stopped.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ProcessorError(pub String);
+
+/// Processes one shard's records; created when the worker takes the shard's lease.
+pub trait ShardProcessor: Send + 'static {
+    /// Processes `records` in order and sends their outputs. Returns how many leading records
+    /// are done (their outputs acknowledged): the worker may checkpoint after them. Fewer than
+    /// all, or an error, stops the shard on this host.
+    fn process(
+        &mut self,
+        records: Vec<ShardRecord>,
+        millis_behind_latest: Option<i64>,
+    ) -> impl Future<Output = Result<usize, ProcessorError>> + Send;
+
+    /// Called once when the shard stops on this host (shutdown, lease lost, shard end).
+    fn close(self) -> impl Future<Output = ()> + Send;
+}
+
+/// Creates processors.
+pub trait ProcessorFactory: Send + Sync + 'static {
+    /// The processor type.
+    type Processor: ShardProcessor;
+    /// A processor for `shard_id` of `stream`.
+    fn create(&self, stream: &str, shard_id: &str) -> Self::Processor;
+}
+
+/// How the worker behaves (KCL's settings).
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// This host's worker id (the `leaseOwner` it writes).
+    pub worker_id: String,
+    /// The stream.
+    pub stream: String,
+    /// Where new shards start: `TrimHorizon`, `Latest` or `AtTimestamp`.
+    pub initial_position: Checkpoint,
+    /// The time for `AtTimestamp`.
+    pub at_timestamp: Option<SystemTime>,
+    /// A lease not renewed for this long is expired.
+    pub failover_time: Duration,
+    /// How often shards are listed to find new ones.
+    pub shard_sync_interval: Duration,
+    /// Pause between reads of one shard.
+    pub idle_time_between_reads: Duration,
+    /// `GetRecords` limit.
+    pub max_records: u32,
+    /// Most leases this host holds.
+    pub max_leases_for_worker: usize,
+    /// Most leases stolen in one round.
+    pub max_leases_to_steal_at_one_time: usize,
+    /// Delete a finished shard's lease once its children started.
+    pub cleanup_leases_upon_shard_completion: bool,
+    /// Call the processor even when a read returned no record.
+    pub call_process_records_even_for_empty_list: bool,
+    /// Least time between two checkpoints of a shard (Samza's `task.commit.ms`); shard end,
+    /// shutdown and lease hand-over always checkpoint.
+    pub commit_interval: Duration,
+    /// Billing of the lease table, when this host creates it.
+    pub billing: Billing,
+}
+
+/// Why the worker stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The lease table failed.
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    /// Kinesis failed.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+}
+
+/// A lease this host holds, shared by the renewer and the shard's task. Both write under the
+/// lock, so their conditional writes never race each other.
+#[derive(Debug)]
+struct Held {
+    lease: Mutex<Lease>,
+    /// When the lease was last written by us (renew or checkpoint).
+    renewed: std::sync::Mutex<Instant>,
+    stop: watch::Sender<bool>,
+}
+
+/// Runs the worker until `shutdown` completes, then stops gracefully.
+///
+/// # Errors
+/// When the lease table cannot be created or read at start.
+pub async fn run<F: ProcessorFactory>(
+    kinesis: KinesisClient,
+    table: LeaseTable,
+    config: WorkerConfig,
+    factory: Arc<F>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    table.ensure_exists(config.billing, Duration::from_secs(600)).await?;
+    sync_shards(&kinesis, &table, &config).await?;
+    let config = Arc::new(config);
+    let held: Arc<std::sync::Mutex<HashMap<String, Arc<Held>>>> = Arc::default();
+    let wake = Arc::new(Notify::new());
+    let mut tasks = JoinSet::new();
+    let mut seen: HashMap<String, (u64, Instant)> = HashMap::new();
+    let tick = (config.failover_time / 3)
+        .saturating_sub(Duration::from_millis(25))
+        .max(Duration::from_millis(50));
+    let mut last_sync = Instant::now();
+    tokio::pin!(shutdown);
+    loop {
+        renew_all(&table, &held, &config).await;
+        if let Err(error) =
+            take_leases(&kinesis, &table, &config, &factory, &held, &wake, &mut tasks, &mut seen)
+                .await
+        {
+            tracing::warn!(%error, "Lease scan failed; retrying at the next tick.");
+        }
+        if last_sync.elapsed() >= config.shard_sync_interval {
+            last_sync = Instant::now();
+            if let Err(error) = sync_shards(&kinesis, &table, &config).await {
+                tracing::warn!(%error, "Shard sync failed; retrying later.");
+            }
+        }
+        while let Some(done) = tasks.try_join_next() {
+            if let Err(error) = done {
+                tracing::error!(%error, "A shard task panicked.");
+            }
+        }
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = wake.notified() => {}
+            () = tokio::time::sleep(tick) => {}
+        }
+    }
+    tracing::info!(stream = %config.stream, "Shutting down: finishing batches in flight.");
+    for h in held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).values() {
+        let _ = h.stop.send(true);
+    }
+    while let Some(done) = tasks.join_next().await {
+        if let Err(error) = done {
+            tracing::error!(%error, "A shard task panicked.");
+        }
+    }
+    let remaining: Vec<Arc<Held>> = held
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .drain()
+        .map(|(_, h)| h)
+        .collect();
+    for h in remaining {
+        let lease = h.lease.lock().await;
+        if let Err(error) = table.release(&lease).await {
+            tracing::warn!(lease = %lease.key, %error, "Could not release lease; it will expire.");
+        }
+    }
+    Ok(())
+}
+
+/// Creates leases for shards that have none, KCL-style: the initial position for shards whose
+/// ancestors have no lease, `TRIM_HORIZON` for descendants (so nothing is skipped).
+async fn sync_shards(
+    kinesis: &KinesisClient,
+    table: &LeaseTable,
+    config: &WorkerConfig,
+) -> Result<(), WorkerError> {
+    let shards = list_shards(kinesis, &config.stream).await?;
+    let leases: HashSet<String> = table.list().await?.into_iter().map(|l| l.key).collect();
+    let ids: HashSet<&str> = shards.iter().map(|s| s.id.as_str()).collect();
+    let closed: HashSet<&str> =
+        shards.iter().flat_map(|s| s.parents.iter().map(String::as_str)).collect();
+    for shard in &shards {
+        if leases.contains(&shard.id) {
+            continue;
+        }
+        let known_parents: Vec<String> =
+            shard.parents.iter().filter(|p| ids.contains(p.as_str())).cloned().collect();
+        let parent_leased = shard.parents.iter().any(|p| leases.contains(p));
+        let checkpoint = if parent_leased {
+            Checkpoint::TrimHorizon
+        } else if known_parents.is_empty() || config.initial_position == Checkpoint::Latest {
+            if config.initial_position == Checkpoint::Latest && closed.contains(shard.id.as_str()) {
+                continue; // LATEST starts at the open shards only
+            }
+            config.initial_position.clone()
+        } else {
+            Checkpoint::TrimHorizon
+        };
+        let parents = if config.initial_position == Checkpoint::Latest && !parent_leased {
+            Vec::new()
+        } else {
+            known_parents
+        };
+        let mut lease = Lease::new(&shard.id, checkpoint, parents);
+        lease.hash_range = Some(shard.hash_range.clone());
+        if table.create_if_not_exists(&lease).await? {
+            tracing::info!(lease = %lease.key, checkpoint = %lease.checkpoint, "Created lease.");
+        }
+    }
+    Ok(())
+}
+
+async fn renew_all(
+    table: &LeaseTable,
+    held: &std::sync::Mutex<HashMap<String, Arc<Held>>>,
+    config: &WorkerConfig,
+) {
+    let all: Vec<(String, Arc<Held>)> = held
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (key, h) in all {
+        let mut lease = h.lease.lock().await;
+        let expired = h.renewed.lock().map(|r| r.elapsed() > config.failover_time).unwrap_or(true);
+        let result = if expired { Err(None) } else { table.renew(&lease).await.map_err(Some) };
+        match result {
+            Ok(renewed) => {
+                *lease = renewed;
+                if let Ok(mut r) = h.renewed.lock() {
+                    *r = Instant::now();
+                }
+            }
+            Err(Some(LeaseError::Aws { message, .. })) => {
+                tracing::warn!(lease = %key, error = %message, "Lease renewal failed; retrying.");
+            }
+            Err(error) => {
+                tracing::info!(lease = %key, expired, error = ?error.map(|e| e.to_string()), "Lost lease.");
+                let _ = h.stop.send(true);
+                held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn take_leases<F: ProcessorFactory>(
+    kinesis: &KinesisClient,
+    table: &LeaseTable,
+    config: &Arc<WorkerConfig>,
+    factory: &Arc<F>,
+    held: &Arc<std::sync::Mutex<HashMap<String, Arc<Held>>>>,
+    wake: &Arc<Notify>,
+    tasks: &mut JoinSet<()>,
+    seen: &mut HashMap<String, (u64, Instant)>,
+) -> Result<(), LeaseError> {
+    let now = Instant::now();
+    let leases = table.list().await?;
+    let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
+    let mine: HashSet<String> =
+        held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).keys().cloned().collect();
+    // Expiry is judged on our own clock by watching each counter change (KCL's rule).
+    let mut available = Vec::new();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    counts.insert(config.worker_id.clone(), mine.len());
+    let mut active = 0usize;
+    for lease in &leases {
+        if lease.checkpoint == Checkpoint::ShardEnd {
+            continue;
+        }
+        active += 1;
+        let entry = seen.entry(lease.key.clone()).or_insert((lease.counter, now));
+        if entry.0 != lease.counter {
+            *entry = (lease.counter, now);
+        }
+        if mine.contains(&lease.key) {
+            continue;
+        }
+        let expired = now.duration_since(entry.1) > config.failover_time;
+        match &lease.owner {
+            Some(owner) if !expired => *counts.entry(owner.clone()).or_default() += 1,
+            _ => available.push(lease),
+        }
+    }
+    seen.retain(|k, _| by_key.contains_key(k.as_str()));
+    if config.cleanup_leases_upon_shard_completion {
+        cleanup(table, &leases, &by_key).await;
+    }
+    if active == 0 {
+        return Ok(());
+    }
+    let workers = counts.len();
+    let target = if workers >= active { 1 } else { active.div_ceil(workers) }
+        .min(config.max_leases_for_worker);
+    let needed = target.saturating_sub(mine.len());
+    if needed == 0 {
+        return Ok(());
+    }
+    // A child waits until all its parents finished (a missing parent lease does not block).
+    let ready = |lease: &Lease| {
+        lease
+            .parent_shard_ids
+            .iter()
+            .all(|p| by_key.get(p.as_str()).is_none_or(|pl| pl.checkpoint == Checkpoint::ShardEnd))
+    };
+    let mut to_take: Vec<&Lease> =
+        available.into_iter().filter(|l| ready(l)).take(needed).collect();
+    if to_take.is_empty() {
+        // Steal from the most loaded worker, bounded per round.
+        let victim = counts
+            .iter()
+            .filter(|(w, _)| **w != config.worker_id)
+            .max_by_key(|(_, c)| **c)
+            .filter(|(_, count)| **count > target);
+        if let Some((victim, count)) = victim {
+            let n = needed.min(count - target).max(1).min(config.max_leases_to_steal_at_one_time);
+            to_take = leases
+                .iter()
+                .filter(|l| {
+                    l.owner.as_deref() == Some(victim.as_str())
+                        && l.checkpoint != Checkpoint::ShardEnd
+                        && ready(l)
+                })
+                .take(n)
+                .collect();
+        }
+    }
+    for lease in to_take {
+        match table.take(lease, &config.worker_id).await {
+            Ok(taken) => {
+                let (stop, stopped) = watch::channel(false);
+                let h = Arc::new(Held {
+                    lease: Mutex::new(taken),
+                    renewed: std::sync::Mutex::new(Instant::now()),
+                    stop,
+                });
+                held.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(lease.key.clone(), h.clone());
+                let processor = factory.create(&config.stream, &lease.key);
+                tasks.spawn(shard_task(
+                    kinesis.clone(),
+                    table.clone(),
+                    config.clone(),
+                    h,
+                    processor,
+                    stopped,
+                    held.clone(),
+                    wake.clone(),
+                ));
+            }
+            Err(LeaseError::Lost { .. }) => {
+                tracing::debug!(lease = %lease.key, "Another worker took the lease first.");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Deletes finished leases whose children have all started and whose own parents are gone
+/// (KCL's rule: the tombstone stays until nothing can need it).
+async fn cleanup(table: &LeaseTable, leases: &[Lease], by_key: &HashMap<&str, &Lease>) {
+    for lease in leases.iter().filter(|l| l.checkpoint == Checkpoint::ShardEnd) {
+        let children_started = !lease.child_shard_ids.is_empty()
+            && lease.child_shard_ids.iter().all(|c| {
+                by_key.get(c.as_str()).is_some_and(|child| {
+                    !matches!(child.checkpoint, Checkpoint::TrimHorizon | Checkpoint::AtTimestamp)
+                })
+            });
+        let parents_gone = lease.parent_shard_ids.iter().all(|p| !by_key.contains_key(p.as_str()));
+        if children_started && parents_gone {
+            match table.delete(&lease.key).await {
+                Ok(()) => tracing::info!(lease = %lease.key, "Deleted the finished shard's lease."),
+                Err(error) => {
+                    tracing::warn!(lease = %lease.key, %error, "Could not delete a finished lease.")
+                }
+            }
+        }
+    }
+}
+
+/// What a shard task achieved.
+enum Ended {
+    Stopped,
+    ShardEnd,
+    Lost,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn shard_task<P: ShardProcessor>(
+    kinesis: KinesisClient,
+    table: LeaseTable,
+    config: Arc<WorkerConfig>,
+    held: Arc<Held>,
+    mut processor: P,
+    mut stop: watch::Receiver<bool>,
+    registry: Arc<std::sync::Mutex<HashMap<String, Arc<Held>>>>,
+    wake: Arc<Notify>,
+) {
+    let key = held.lease.lock().await.key.clone();
+    let ended = match consume(&kinesis, &table, &config, &held, &mut processor, &mut stop).await {
+        Ok(ended) => ended,
+        Err(error) => {
+            tracing::error!(shard = %key, %error, "Shard stopped on this host; its lease is released for a retry.");
+            Ended::Stopped
+        }
+    };
+    processor.close().await;
+    match ended {
+        Ended::ShardEnd => {
+            registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
+            if config.cleanup_leases_upon_shard_completion {
+                tracing::debug!(shard = %key, "Shard finished; its lease is deleted once its children started.");
+            }
+            wake.notify_one();
+        }
+        Ended::Lost => {}
+        Ended::Stopped => {
+            // Released by the worker at shutdown; after an error, released now so another
+            // host (or this one, later) retries from the checkpoint.
+            if !*stop.borrow() {
+                registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
+                let lease = held.lease.lock().await;
+                if let Err(error) = table.release(&lease).await {
+                    tracing::warn!(shard = %key, %error, "Could not release lease; it will expire.");
+                }
+            }
+        }
+    }
+}
+
+/// Checkpoints under the lease lock; a lost lease means this host must stop the shard.
+async fn checkpoint(table: &LeaseTable, held: &Held, at: Checkpoint) -> Result<bool, LeaseError> {
+    let mut lease = held.lease.lock().await;
+    if lease.checkpoint >= at && at != Checkpoint::ShardEnd {
+        return Ok(true);
+    }
+    match table.checkpoint(&lease, at).await {
+        Ok(updated) => {
+            tracing::debug!(shard = %updated.key, checkpoint = %updated.checkpoint, "Checkpointed.");
+            *lease = updated;
+            if let Ok(mut r) = held.renewed.lock() {
+                *r = Instant::now();
+            }
+            Ok(true)
+        }
+        Err(LeaseError::Lost { .. }) => {
+            tracing::info!(shard = %lease.key, "Lost lease: cannot checkpoint; stopping the shard.");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ShardTaskError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error("the task stopped: {0}")]
+    Processor(#[from] ProcessorError),
+}
+
+async fn consume<P: ShardProcessor>(
+    kinesis: &KinesisClient,
+    table: &LeaseTable,
+    config: &WorkerConfig,
+    held: &Held,
+    processor: &mut P,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Ended, ShardTaskError> {
+    let (key, start, range) = {
+        let lease = held.lease.lock().await;
+        let range = lease.hash_range.as_ref().and_then(|(a, b)| {
+            Some(kpl::HashKeyRange { start: kpl::parse_hash_key(a)?, end: kpl::parse_hash_key(b)? })
+        });
+        (lease.key.clone(), lease.checkpoint.clone(), range)
+    };
+    tracing::info!(shard = %key, checkpoint = %start, "Processing shard.");
+    let mut reader = ShardReader::new(
+        kinesis.clone(),
+        &config.stream,
+        &key,
+        start.clone(),
+        config.at_timestamp,
+        config.max_records,
+    )
+    .await?;
+    let mut done = start;
+    let mut last_commit = Instant::now();
+    let mut dirty = false;
+    loop {
+        if *stop.borrow() {
+            if dirty && !checkpoint(table, held, done.clone()).await? {
+                return Ok(Ended::Lost);
+            }
+            return Ok(Ended::Stopped);
+        }
+        let fetch = reader.fetch().await?;
+        let fetched = !fetch.records.is_empty();
+        let mut records = Vec::new();
+        for record in fetch.records {
+            let arrival_millis = record
+                .approximate_arrival_timestamp()
+                .and_then(|t| u64::try_from(t.to_millis().ok()?).ok())
+                .unwrap_or(0);
+            let sequence_number = record.sequence_number().to_owned();
+            let partition_key = record.partition_key().unwrap_or_default().to_owned();
+            let user = kpl::deaggregate(
+                kpl::KinesisRecord {
+                    // Owned: the user records are slices of it, not copies.
+                    data: bytes::Bytes::from(record.data.into_inner()),
+                    partition_key: &partition_key,
+                    explicit_hash_key: None,
+                },
+                range,
+            );
+            for u in user.records {
+                if done.is_before(&sequence_number, u.sub_sequence_number) {
+                    records.push(ShardRecord {
+                        sequence_number: sequence_number.clone(),
+                        sub_sequence_number: u.sub_sequence_number,
+                        partition_key: u.partition_key,
+                        explicit_hash_key: u.explicit_hash_key,
+                        data: u.data.to_vec(),
+                        arrival_millis,
+                    });
+                }
+            }
+        }
+        if !records.is_empty() || config.call_process_records_even_for_empty_list {
+            let count = records.len();
+            let last = records
+                .last()
+                .map(|r| Checkpoint::after(&r.sequence_number, r.sub_sequence_number));
+            let processed = processor.process(records, fetch.millis_behind_latest).await?;
+            if processed < count {
+                return Err(ProcessorError(format!(
+                    "the task finished {processed} of {count} records"
+                ))
+                .into());
+            }
+            if let Some(last) = last {
+                done = last;
+                reader.processed(done.clone());
+                dirty = true;
+            }
+        }
+        if let Some(children) = fetch.shard_end {
+            if dirty && !checkpoint(table, held, done.clone()).await? {
+                return Ok(Ended::Lost);
+            }
+            for child in &children {
+                let mut lease =
+                    Lease::new(&child.id, Checkpoint::TrimHorizon, child.parents.clone());
+                lease.hash_range = Some(child.hash_range.clone());
+                if table.create_if_not_exists(&lease).await? {
+                    tracing::info!(lease = %child.id, parent = %key, "Created child lease.");
+                }
+            }
+            {
+                let mut lease = held.lease.lock().await;
+                if !children.is_empty() {
+                    match table
+                        .set_children(&lease, children.iter().map(|c| c.id.clone()).collect())
+                        .await
+                    {
+                        Ok(updated) => *lease = updated,
+                        Err(LeaseError::Lost { .. }) => return Ok(Ended::Lost),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            if !checkpoint(table, held, Checkpoint::ShardEnd).await? {
+                return Ok(Ended::Lost);
+            }
+            tracing::info!(shard = %key, "Shard finished (SHARD_END).");
+            return Ok(Ended::ShardEnd);
+        }
+        if dirty && last_commit.elapsed() >= config.commit_interval {
+            if !checkpoint(table, held, done.clone()).await? {
+                return Ok(Ended::Lost);
+            }
+            dirty = false;
+            last_commit = Instant::now();
+        }
+        if !fetched || config.idle_time_between_reads > Duration::ZERO {
+            tokio::select! {
+                _ = stop.changed() => {}
+                () = tokio::time::sleep(config.idle_time_between_reads) => {}
+            }
+        }
+    }
+}
