@@ -4,3 +4,5 @@
 pub mod config;
 pub mod pipeline;
 pub mod replay;
+pub mod run;
+pub mod samza;
