@@ -24,6 +24,9 @@ for manifest in examples/*/Cargo.toml tests/guests/*/Cargo.toml; do
 done
 cargo build --locked --profile guest --target wasm32-wasip2 "${guests[@]}"
 
+step "AWS emulators (kinesis-local, dynalite) for the integration tests, which start them"
+scripts/emulators.sh install
+
 step "Tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
