@@ -133,6 +133,19 @@ impl Default for JobConfig {
     }
 }
 
+/// Reads a Java-properties file into a sorted map.
+///
+/// # Errors
+/// When the file cannot be read or is not valid properties syntax (with the line).
+pub fn read_properties(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
+    let file = std::fs::File::open(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let props = java_properties::read(std::io::BufReader::new(file)).map_err(|e| {
+        ConfigError::Syntax { path: path.to_owned(), line: e.line_number(), message: e.to_string() }
+    })?;
+    Ok(props.into_iter().collect())
+}
+
 /// Keys under `task.limits.`, with what they set.
 const LIMIT_KEYS: &[&str] = &[
     "task.limits.memory.bytes",

@@ -38,10 +38,21 @@ struct GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Consume the job's input streams with the task, checkpointing in a KCL lease table.
+    Run(RunArgs),
     /// Run a task over records from a JSON Lines file, locally, with no AWS.
     Replay(ReplayArgs),
     /// Check that a component is a kinesis-host task, and list what it imports.
     Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The task component (.wasm).
+    task: PathBuf,
+    /// The job's settings: Samza's job.properties keys plus kinesis-host's own.
+    #[arg(long, short, value_name = "FILE")]
+    config: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -121,6 +132,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ..RuntimeConfig::default()
     })?;
     match cli.command {
+        Command::Run(args) => run_job(&runtime, args),
         Command::Replay(args) => replay(&runtime, args),
         Command::Check(args) => check(&runtime, args),
     }
@@ -143,6 +155,57 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<JobConfig> {
         Some(path) => JobConfig::load(path)?,
         None => JobConfig::default(),
     })
+}
+
+fn run_job(runtime: &Runtime, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let props = kinesis_host::config::read_properties(&args.config)?;
+    let job = JobConfig::from_properties(&args.config, &props)?;
+    let (run, warnings) = kinesis_host::samza::parse_run_config(&args.config, &props)?;
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    let component = runtime.load(&args.task)?;
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    tokio.block_on(async move {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("Stopping: finishing the batches in flight, then checkpointing and releasing leases (signal again to exit at once).");
+            let _ = stop.send(true);
+            shutdown_signal().await;
+            tracing::warn!("Second signal: exiting now.");
+            std::process::exit(130);
+        });
+        kinesis_host::run::run(run, job, component, Arc::new(SystemClock), stopped).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
 }
 
 fn replay(runtime: &Runtime, args: ReplayArgs) -> anyhow::Result<ExitCode> {

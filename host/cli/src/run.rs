@@ -1,0 +1,305 @@
+//! `kinesis-host run`: consumes the job's input streams with KCL-compatible leases, runs the
+//! task over each shard's records and sends what it emits to the output streams.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use kinesis_host_coordinator::aws::{AwsClients, AwsSettings as CoordAws, StaticKeys};
+use kinesis_host_coordinator::checkpoint::Checkpoint;
+use kinesis_host_coordinator::lease::{Billing, LeaseTable};
+use kinesis_host_coordinator::output::{OutputRecord, Producer};
+use kinesis_host_coordinator::worker::{
+    self, ProcessorError, ProcessorFactory, ShardProcessor, ShardRecord, WorkerConfig,
+};
+use kinesis_host_runtime::{
+    Batch, BatchOutput, Clock, InstanceSpec, Outputs, RecordRef, TaskComponent,
+};
+
+use crate::config::JobConfig;
+use crate::pipeline::{ShardWorker, Sink};
+use crate::samza::{AwsSettings, BillingMode, InitialPosition, InputStream, RunConfig};
+
+/// Converts the job's AWS settings for the coordinator.
+pub fn aws_settings(aws: &AwsSettings) -> CoordAws {
+    CoordAws {
+        region: aws.region.clone(),
+        keys: aws.credentials.as_ref().map(|c| StaticKeys {
+            access_key_id: c.access_key_id.clone(),
+            secret_access_key: c.secret_access_key.expose().to_owned(),
+        }),
+        kinesis_endpoint: aws.kinesis_endpoint.clone(),
+        dynamodb_endpoint: aws.dynamodb_endpoint.clone(),
+        connect_timeout: aws.client.connection_timeout,
+        read_timeout: aws.client.socket_timeout,
+    }
+}
+
+/// The worker settings for one input stream.
+pub fn worker_config(run: &RunConfig, input: &InputStream, worker_id: &str) -> WorkerConfig {
+    let kcl = &input.kcl;
+    let (initial_position, at_timestamp) = match &kcl.initial_position {
+        InitialPosition::Latest => (Checkpoint::Latest, None),
+        InitialPosition::TrimHorizon => (Checkpoint::TrimHorizon, None),
+        InitialPosition::AtTimestamp(t) => (Checkpoint::AtTimestamp, Some(*t)),
+    };
+    WorkerConfig {
+        worker_id: worker_id.to_owned(),
+        stream: input.stream.clone(),
+        initial_position,
+        at_timestamp,
+        failover_time: kcl.failover_time,
+        shard_sync_interval: kcl.shard_sync_interval,
+        idle_time_between_reads: kcl.idle_time_between_reads,
+        max_records: kcl.max_records,
+        max_leases_for_worker: usize::try_from(kcl.max_leases_for_worker).unwrap_or(usize::MAX),
+        max_leases_to_steal_at_one_time: usize::try_from(kcl.max_leases_to_steal_at_one_time)
+            .unwrap_or(1),
+        cleanup_leases_upon_shard_completion: kcl.cleanup_leases_upon_shard_completion,
+        call_process_records_even_for_empty_list: kcl.call_process_records_even_for_empty_list,
+        commit_interval: run.commit_interval,
+        billing: match kcl.billing_mode {
+            BillingMode::PayPerRequest => Billing::PayPerRequest,
+            BillingMode::Provisioned { read, write } => Billing::Provisioned {
+                read: i64::try_from(read).unwrap_or(i64::MAX),
+                write: i64::try_from(write).unwrap_or(i64::MAX),
+            },
+        },
+    }
+}
+
+/// Makes one processor per shard: a task instance behind the shard worker's failure policy,
+/// and producers for the job's outputs.
+pub struct TaskProcessors {
+    component: Arc<TaskComponent>,
+    allowed: Outputs,
+    job: Arc<JobConfig>,
+    outputs: Arc<BTreeMap<String, Producer>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for TaskProcessors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskProcessors")
+            .field("outputs", &self.outputs.keys())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TaskProcessors {
+    /// Processors running `component` under `job`'s limits, sending to `outputs`.
+    pub fn new(
+        component: Arc<TaskComponent>,
+        job: Arc<JobConfig>,
+        outputs: Arc<BTreeMap<String, Producer>>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let allowed = Outputs::Only(outputs.keys().cloned().collect());
+        Self { component, allowed, job, outputs, clock }
+    }
+}
+
+impl ProcessorFactory for TaskProcessors {
+    type Processor = TaskProcessor;
+
+    fn create(&self, stream: &str, shard_id: &str) -> TaskProcessor {
+        let spec = Arc::new(InstanceSpec {
+            job: self.job.job_name.clone(),
+            stream: stream.to_owned(),
+            shard_id: shard_id.to_owned(),
+            outputs: self.allowed.clone(),
+            config: self.job.task_config.clone(),
+            limits: self.job.limits.clone(),
+        });
+        TaskProcessor {
+            worker: Arc::new(Mutex::new(ShardWorker::new(
+                self.component.clone(),
+                spec,
+                self.job.retry,
+                self.clock.clone(),
+            ))),
+            job: self.job.clone(),
+            outputs: self.outputs.clone(),
+            stream: stream.to_owned(),
+            shard_id: shard_id.to_owned(),
+        }
+    }
+}
+
+/// One shard's processor.
+pub struct TaskProcessor {
+    worker: Arc<Mutex<ShardWorker>>,
+    job: Arc<JobConfig>,
+    outputs: Arc<BTreeMap<String, Producer>>,
+    stream: String,
+    shard_id: String,
+}
+
+impl std::fmt::Debug for TaskProcessor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskProcessor").field("shard_id", &self.shard_id).finish_non_exhaustive()
+    }
+}
+
+/// Collects what a shard's batches emitted, in order, and how many records are done.
+#[derive(Default)]
+struct Collect {
+    emits: Vec<(String, OutputRecord)>,
+    done: usize,
+}
+
+impl Sink for Collect {
+    fn commit(&mut self, batch: &Batch, output: BatchOutput) {
+        self.done += batch.len();
+        self.emits.extend(output.emits.into_iter().map(|e| {
+            (
+                e.output,
+                OutputRecord {
+                    partition_key: e.partition_key,
+                    explicit_hash_key: e.explicit_hash_key,
+                    data: e.data,
+                },
+            )
+        }));
+    }
+
+    fn poison(&mut self, _shard_id: &str, _record: RecordRef<'_>, _message: &str) {
+        // Set aside (logged by the pipeline); it counts as done.
+        self.done += 1;
+    }
+}
+
+impl ShardProcessor for TaskProcessor {
+    async fn process(
+        &mut self,
+        records: Vec<ShardRecord>,
+        millis_behind_latest: Option<i64>,
+    ) -> Result<usize, ProcessorError> {
+        let worker = self.worker.clone();
+        let (stream, shard_id) = (self.stream.clone(), self.shard_id.clone());
+        let limits = self.job.batch;
+        // The task runs on a blocking thread, so a slow task never stalls lease renewal.
+        let (collected, failure) = tokio::task::spawn_blocking(move || {
+            let mut worker = worker.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut sink = Collect::default();
+            let mut batch = Batch::new(&stream, &shard_id, limits.max_records, limits.max_bytes);
+            batch
+                .set_millis_behind_latest(millis_behind_latest.and_then(|m| u64::try_from(m).ok()));
+            let mut failure = None;
+            for r in &records {
+                let record = RecordRef {
+                    data: &r.data,
+                    partition_key: &r.partition_key,
+                    sequence_number: &r.sequence_number,
+                    sub_sequence_number: r.sub_sequence_number,
+                    explicit_hash_key: r.explicit_hash_key.as_deref(),
+                    approximate_arrival_millis: r.arrival_millis,
+                };
+                if !batch.push(&record) {
+                    let mut full =
+                        Batch::new(&stream, &shard_id, limits.max_records, limits.max_bytes);
+                    full.set_millis_behind_latest(
+                        millis_behind_latest.and_then(|m| u64::try_from(m).ok()),
+                    );
+                    std::mem::swap(&mut batch, &mut full);
+                    if let Err(e) = worker.run(full, &mut sink) {
+                        failure = Some(e.to_string());
+                        break;
+                    }
+                    batch.push(&record);
+                }
+            }
+            if failure.is_none()
+                && !batch.is_empty()
+                && let Err(e) = worker.run(batch, &mut sink)
+            {
+                failure = Some(e.to_string());
+            }
+            (sink, failure)
+        })
+        .await
+        .map_err(|e| ProcessorError(format!("the task's thread failed: {e}")))?;
+        // Send what the done records emitted, per output in order, before anything is
+        // checkpointed.
+        let mut per_output: BTreeMap<&str, Vec<OutputRecord>> = BTreeMap::new();
+        for (name, record) in &collected.emits {
+            per_output.entry(name.as_str()).or_default().push(record.clone());
+        }
+        for (name, records) in per_output {
+            let Some(producer) = self.outputs.get(name) else {
+                return Err(ProcessorError(format!("the task emitted to unknown output {name}")));
+            };
+            producer.send(&records).await.map_err(|e| ProcessorError(e.to_string()))?;
+        }
+        match failure {
+            Some(failure) => Err(ProcessorError(failure)),
+            None => Ok(collected.done),
+        }
+    }
+
+    async fn close(self) {
+        let worker = self.worker;
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(worker) = Arc::try_unwrap(worker)
+                .map(|m| m.into_inner().unwrap_or_else(PoisonError::into_inner))
+            {
+                worker.shutdown();
+            }
+        })
+        .await;
+    }
+}
+
+/// Runs the job until `shutdown` resolves.
+///
+/// # Errors
+/// When a stream's worker cannot start (lease table, Kinesis).
+pub async fn run(
+    run: RunConfig,
+    job: JobConfig,
+    component: Arc<TaskComponent>,
+    clock: Arc<dyn Clock>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let worker_id = format!(
+        "{}-{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "kinesis-host".to_owned()),
+        uuid::Uuid::new_v4()
+    );
+    tracing::info!(worker_id, job = %run.job_name, "Starting.");
+    let mut outputs = BTreeMap::new();
+    for (name, output) in &run.outputs {
+        let clients = AwsClients::new(&aws_settings(&output.aws)).await;
+        outputs.insert(name.clone(), Producer::new(clients.kinesis, output.stream.clone()));
+    }
+    let factory = Arc::new(TaskProcessors::new(component, Arc::new(job), Arc::new(outputs), clock));
+    let mut workers = tokio::task::JoinSet::new();
+    for input in &run.inputs {
+        let clients = AwsClients::new(&aws_settings(&input.aws)).await;
+        let table = LeaseTable::new(clients.dynamodb.clone(), input.kcl.table_name.clone());
+        let config = worker_config(&run, input, &worker_id);
+        let factory = factory.clone();
+        let mut stop = shutdown.clone();
+        let stream = input.stream.clone();
+        workers.spawn(async move {
+            let result = worker::run(clients.kinesis, table, config, factory, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+            (stream, result)
+        });
+    }
+    let mut failed = None;
+    while let Some(done) = workers.join_next().await {
+        match done {
+            Ok((_, Ok(()))) => {}
+            Ok((stream, Err(e))) => {
+                tracing::error!(stream, error = %e, "Stream worker stopped.");
+                failed.get_or_insert(anyhow::anyhow!("stream {stream}: {e}"));
+            }
+            Err(e) => {
+                failed.get_or_insert(anyhow::anyhow!("a stream worker panicked: {e}"));
+            }
+        }
+    }
+    failed.map_or(Ok(()), Err)
+}
