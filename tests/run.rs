@@ -320,3 +320,422 @@ fn delivers_every_record_in_order_checkpoints_and_releases_on_stop() {
     expected.extend(more);
     assert_eq!(by_key(&got), by_key(&expected), "each record exactly once across the restart");
 }
+
+/// Waits (bounded) until the host log contains `pattern` at least `n` times.
+fn wait_for_log(log: &std::path::Path, pattern: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.matches(pattern).count() >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "`{pattern}` not seen {n} times; host log:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn latest_skips_old_records_and_at_timestamp_starts_at_the_time() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("run-pos-in", "run-pos-out");
+    create_stream(&c, input, 2);
+    create_stream(&c, output, 1);
+    let old = numbered(4, 2, 0);
+    put(&c, input, &old);
+    // Arrival times have millisecond resolution: leave a gap around the chosen instant.
+    std::thread::sleep(Duration::from_millis(50));
+    let at = std::time::SystemTime::now();
+    std::thread::sleep(Duration::from_millis(50));
+    let middle = numbered(4, 2, 2);
+    put(&c, input, &middle);
+
+    // LATEST: only what arrives after the host started reading.
+    let config = job_properties(
+        dir.path(),
+        "latest",
+        input,
+        output,
+        "systems.kinesis.streams.run-pos-in.aws.kcl.InitialPositionInStream=LATEST\n",
+    );
+    let log = dir.path().join("latest.log");
+    let host = Host::start(&config, &log);
+    wait_for_log(&log, "Reading shard.", 2);
+    let new = numbered(4, 2, 4);
+    put(&c, input, &new);
+    let got = wait_for_records(&c, output, new.len(), &log);
+    assert!(host.stop().success());
+    assert_eq!(by_key(&got), by_key(&new));
+
+    // AT_TIMESTAMP, in a job with its own lease table: the records after the instant.
+    let output2 = "run-pos-out2";
+    create_stream(&c, output2, 1);
+    let millis = at.duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_millis();
+    let config = job_properties(
+        dir.path(),
+        "attime",
+        input,
+        output2,
+        &format!(
+            "systems.kinesis.aws.kcl.InitialPositionInStream=AT_TIMESTAMP\n\
+             systems.kinesis.aws.kcl.TimestampAtInitialPositionInStream={millis}\n"
+        ),
+    );
+    let log = dir.path().join("attime.log");
+    let host = Host::start(&config, &log);
+    let mut expected = middle.clone();
+    expected.extend(new);
+    let got = wait_for_records(&c, output2, expected.len(), &log);
+    assert!(host.stop().success());
+    assert_eq!(by_key(&got), by_key(&expected));
+}
+
+/// Splits the stream's first shard at the middle of the hash range; returns the parent's id.
+fn split(c: &AwsClients, stream: &str) -> String {
+    rt().block_on(async {
+        let shards = c.kinesis.list_shards().stream_name(stream).send().await.expect("ListShards");
+        let parent = shards.shards()[0].shard_id().to_owned();
+        c.kinesis
+            .split_shard()
+            .stream_name(stream)
+            .shard_to_split(&parent)
+            .new_starting_hash_key((1u128 << 127).to_string())
+            .send()
+            .await
+            .expect("SplitShard");
+        parent
+    })
+}
+
+fn wait_active(c: &AwsClients, stream: &str) {
+    rt().block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let d = c
+                .kinesis
+                .describe_stream_summary()
+                .stream_name(stream)
+                .send()
+                .await
+                .expect("Describe");
+            if d.stream_description_summary().map(|s| s.stream_status().as_str()) == Some("ACTIVE")
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{stream} did not become ACTIVE");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+fn open_shards(c: &AwsClients, stream: &str) -> Vec<String> {
+    rt().block_on(async {
+        let shards = c.kinesis.list_shards().stream_name(stream).send().await.expect("ListShards");
+        shards
+            .shards()
+            .iter()
+            .filter(|s| {
+                s.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_none()
+            })
+            .map(|s| s.shard_id().to_owned())
+            .collect()
+    })
+}
+
+#[test]
+fn a_split_and_a_merge_during_consumption_lose_nothing_and_keep_order() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("run-reshard-in", "run-reshard-out");
+    create_stream(&c, input, 1);
+    create_stream(&c, output, 1);
+    let config = job_properties(
+        dir.path(),
+        "reshard",
+        input,
+        output,
+        "systems.kinesis.aws.kcl.CleanupLeasesUponShardCompletion=false\n",
+    );
+    let log = dir.path().join("host.log");
+    let host = Host::start(&config, &log);
+    let first = numbered(8, 2, 0);
+    put(&c, input, &first);
+    wait_for_records(&c, output, first.len(), &log);
+
+    let parent = split(&c, input);
+    wait_active(&c, input);
+    let second = numbered(8, 2, 2);
+    put(&c, input, &second);
+    let mut sent = first.clone();
+    sent.extend(second.clone());
+    wait_for_records(&c, output, sent.len(), &log);
+
+    let children = open_shards(&c, input);
+    assert_eq!(children.len(), 2, "{children:?}");
+    rt().block_on(async {
+        c.kinesis
+            .merge_shards()
+            .stream_name(input)
+            .shard_to_merge(&children[0])
+            .adjacent_shard_to_merge(&children[1])
+            .send()
+            .await
+            .expect("MergeShards");
+    });
+    wait_active(&c, input);
+    let third = numbered(8, 2, 4);
+    put(&c, input, &third);
+    sent.extend(third);
+    let got = wait_for_records(&c, output, sent.len(), &log);
+    assert!(host.stop().success());
+    assert_eq!(got.len(), sent.len(), "each record exactly once");
+    assert_eq!(by_key(&got), by_key(&sent), "per key, parents' records come before children's");
+
+    // Lineage in the lease table: the parent and both children ended with SHARD_END and name
+    // their children; the merged shard names both parents.
+    let items = lease_items(&c, "reshard-1-run-reshard-in");
+    let get = |key: &str| {
+        items
+            .iter()
+            .find(|i| {
+                i.get("leaseKey").and_then(|v| v.as_s().ok()).map(String::as_str) == Some(key)
+            })
+            .unwrap_or_else(|| panic!("no lease {key} in {items:?}"))
+            .clone()
+    };
+    let parent_item = get(&parent);
+    assert_eq!(
+        parent_item.get("checkpoint").and_then(|v| v.as_s().ok()).map(String::as_str),
+        Some("SHARD_END")
+    );
+    let mut named: Vec<String> =
+        parent_item.get("childShardIds").and_then(|v| v.as_ss().ok()).cloned().unwrap_or_default();
+    named.sort();
+    let mut expected_children = children.clone();
+    expected_children.sort();
+    assert_eq!(named, expected_children);
+    for child in &children {
+        let item = get(child);
+        assert_eq!(
+            item.get("checkpoint").and_then(|v| v.as_s().ok()).map(String::as_str),
+            Some("SHARD_END")
+        );
+        assert_eq!(
+            item.get("parentShardId").and_then(|v| v.as_ss().ok()).cloned(),
+            Some(vec![parent.clone()])
+        );
+    }
+    let merged = open_shards(&c, input);
+    assert_eq!(merged.len(), 1);
+    let mut parents: Vec<String> = get(&merged[0])
+        .get("parentShardId")
+        .and_then(|v| v.as_ss().ok())
+        .cloned()
+        .unwrap_or_default();
+    parents.sort();
+    assert_eq!(parents, expected_children);
+}
+
+#[test]
+fn kpl_aggregates_come_out_as_user_records_resuming_inside_an_aggregate() {
+    use kinesis_host_coordinator::kpl::{AggregateEntry, aggregate, partition_key_hash};
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("run-kpl-in", "run-kpl-out");
+    create_stream(&c, input, 2);
+    create_stream(&c, output, 1);
+    let shards = rt().block_on(async {
+        c.kinesis
+            .list_shards()
+            .stream_name(input)
+            .send()
+            .await
+            .expect("ListShards")
+            .shards()
+            .to_vec()
+    });
+    let range = |i: usize| {
+        let r = shards[i].hash_key_range().expect("hash range");
+        (
+            r.starting_hash_key().parse::<u128>().expect("start"),
+            r.ending_hash_key().parse::<u128>().expect("end"),
+        )
+    };
+    let (s0, s1) = (range(0), range(1));
+    // A key that hashes into shard 0, so its aggregate lands there and passes the filter.
+    let key0 = (0..).map(|i| format!("k{i}")).find(|k| {
+        let h = partition_key_hash(k);
+        s0.0 <= h && h <= s0.1
+    });
+    let key0 = key0.expect("some key hashes into shard 0");
+    let users: Vec<(String, String)> =
+        (0..5).map(|i| (key0.clone(), format!("user record {i}"))).collect();
+    let entries: Vec<AggregateEntry<'_>> = users
+        .iter()
+        .map(|(k, d)| AggregateEntry {
+            partition_key: k,
+            explicit_hash_key: None,
+            data: d.as_bytes(),
+        })
+        .collect();
+    let blob = aggregate(&entries);
+    // The same user records, aggregated under shard 1's hash keys: what a producer re-sends
+    // after resharding. Shard 1's reader must drop that aggregate whole (its user records'
+    // hash keys are outside shard 1), so they come out once.
+    let stray_key = s1.0.to_string();
+    let put_one = |data: &[u8], ehk: Option<String>| {
+        rt().block_on(async {
+            c.kinesis
+                .put_record()
+                .stream_name(input)
+                .partition_key(&key0)
+                .set_explicit_hash_key(ehk)
+                .data(Blob::new(data))
+                .send()
+                .await
+                .expect("PutRecord")
+                .sequence_number()
+                .to_owned()
+        })
+    };
+    let seq = put_one(&blob, None);
+    put_one(&blob, Some(stray_key));
+
+    // A table left by a Java KCL application: shard 0 checkpointed inside the aggregate, after
+    // user record 2; the host must go on with records 3 and 4.
+    let table = "kplapp";
+    let config = job_properties(
+        dir.path(),
+        "kpl",
+        input,
+        output,
+        &format!("systems.kinesis.aws.kcl.TableName={table}\n"),
+    );
+    rt().block_on(async {
+        use aws_sdk_dynamodb::types::{
+            AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+        };
+        c.dynamodb
+            .create_table()
+            .table_name(table)
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name("leaseKey")
+                    .key_type(KeyType::Hash)
+                    .build()
+                    .expect("key"),
+            )
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name("leaseKey")
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .expect("attr"),
+            )
+            .billing_mode(BillingMode::PayPerRequest)
+            .send()
+            .await
+            .expect("CreateTable");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for (i, shard) in shards.iter().enumerate() {
+            let mut put = c
+                .dynamodb
+                .put_item()
+                .table_name(table)
+                .item("leaseKey", AttributeValue::S(shard.shard_id().to_owned()))
+                .item("leaseOwner", AttributeValue::S("java-kcl-worker-gone".into()))
+                .item("leaseCounter", AttributeValue::N("41".into()))
+                .item("ownerSwitchesSinceCheckpoint", AttributeValue::N("0".into()));
+            put = if i == 0 {
+                put.item("checkpoint", AttributeValue::S(seq.clone()))
+                    .item("checkpointSubSequenceNumber", AttributeValue::N("2".into()))
+            } else {
+                put.item("checkpoint", AttributeValue::S("TRIM_HORIZON".into()))
+                    .item("checkpointSubSequenceNumber", AttributeValue::N("0".into()))
+            };
+            put.send().await.expect("PutItem");
+        }
+    });
+    let log = dir.path().join("host.log");
+    let host = Host::start(&config, &log);
+    let got = wait_for_records(&c, output, 2, &log);
+    // Once shard 1 has read (and dropped) the stray aggregate, nothing more may arrive.
+    wait_for_log(&log, "Dropped a KPL aggregate", 1);
+    let got_after = read_all(&c, output);
+    assert!(host.stop().success());
+    assert_eq!(got, users[3..].to_vec());
+    assert_eq!(
+        got_after,
+        users[3..].to_vec(),
+        "the stray aggregate was dropped, not delivered again"
+    );
+}
+
+#[test]
+fn a_killed_host_resumes_after_its_checkpoint_losing_nothing() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("run-kill-in", "run-kill-out");
+    create_stream(&c, input, 2);
+    create_stream(&c, output, 1);
+    let first = numbered(4, 3, 0);
+    put(&c, input, &first);
+    let config = job_properties(dir.path(), "kill", input, output, "");
+    let log = dir.path().join("host.log");
+    let host = Host::start(&config, &log);
+    wait_for_records(&c, output, first.len(), &log);
+    drop(host); // SIGKILL: no release, no final checkpoint
+    let second = numbered(4, 3, 3);
+    put(&c, input, &second);
+    let host = Host::start(&config, &dir.path().join("host2.log"));
+    let mut sent = first.clone();
+    sent.extend(second);
+    // The dead host's leases expire after FailoverTimeMillis (3 s here), then are taken.
+    let got = wait_for_records(&c, output, sent.len(), &dir.path().join("host2.log"));
+    assert!(host.stop().success());
+    // At least once: every record; duplicates only from the window since the last checkpoint
+    // (checkpoints follow every batch here, so at most the batch in flight).
+    let delivered = by_key(&got);
+    for (key, records) in by_key(&sent) {
+        let seen = &delivered[&key];
+        let mut first_seen: Vec<&String> = Vec::new();
+        for r in seen {
+            if !first_seen.contains(&r) {
+                first_seen.push(r);
+            }
+        }
+        assert_eq!(
+            first_seen,
+            records.iter().collect::<Vec<_>>(),
+            "first deliveries in order for {key}"
+        );
+    }
+}
+
+#[test]
+fn bad_run_config_values_get_one_clear_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let base = "job.name=bad\ntask.inputs=kinesis.s\n\
+                systems.kinesis.samza.factory=org.apache.samza.system.kinesis.KinesisSystemFactory\n";
+    let cases = [
+        (
+            format!("{base}systems.kinesis.aws.kcl.InitialPositionInStream=SOMETIME\n"),
+            "InitialPositionInStream",
+        ),
+        (format!("{base}systems.kinesis.aws.kcl.MaxRecords=20000\n"), "MaxRecords=20000"),
+        (base.replace("KinesisSystemFactory", "KafkaSystemFactory"), "samza.factory"),
+        (format!("{base}job.systemstreampartition.grouper.factory=x.Y\n"), "grouper.factory"),
+        (format!("{base}systems.kinesis.streams.s.aws.accessKey=AKIDEXAMPLE\n"), "secretKey"),
+    ];
+    for (text, expected) in cases {
+        let path = dir.path().join("job.properties");
+        std::fs::write(&path, &text).expect("write");
+        let (out, _, stderr) = common::run(
+            kinesis_host().arg("run").arg(guest("echo-task")).arg("--config").arg(&path),
+        );
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error: ")).collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(errors[0].contains(expected), "{} should mention {expected}", errors[0]);
+    }
+}

@@ -500,6 +500,16 @@ async fn consume<P: ShardProcessor>(
         });
         (lease.key.clone(), lease.checkpoint.clone(), range)
     };
+    // Leases written by KCL 1.x carry no hash range: take it from the stream (KCL back-fills
+    // it the same way), since the de-aggregation filter needs it after resharding.
+    let range = match range {
+        Some(range) => Some(range),
+        None => list_shards(kinesis, &config.stream)
+            .await?
+            .into_iter()
+            .find(|s| s.id == key)
+            .and_then(|s| kpl::HashKeyRange::parse(&s.hash_range.0, &s.hash_range.1)),
+    };
     tracing::info!(shard = %key, checkpoint = %start, "Processing shard.");
     let mut reader = ShardReader::new(
         kinesis.clone(),
@@ -510,6 +520,7 @@ async fn consume<P: ShardProcessor>(
         config.max_records,
     )
     .await?;
+    tracing::info!(shard = %key, "Reading shard.");
     let mut done = start;
     let mut last_commit = Instant::now();
     let mut dirty = false;
@@ -539,6 +550,9 @@ async fn consume<P: ShardProcessor>(
                 },
                 range,
             );
+            if user.dropped_by_hash_range > 0 {
+                tracing::debug!(shard = %key, sequence_number, dropped = user.dropped_by_hash_range, "Dropped a KPL aggregate whose records belong to another shard (a resharding duplicate).");
+            }
             for u in user.records {
                 if done.is_before(&sequence_number, u.sub_sequence_number) {
                     records.push(ShardRecord {
