@@ -739,3 +739,56 @@ fn bad_run_config_values_get_one_clear_error() {
         assert!(errors[0].contains(expected), "{} should mention {expected}", errors[0]);
     }
 }
+
+#[test]
+fn a_second_signal_exits_at_once_while_a_batch_is_in_flight() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("run-signal-in", "run-signal-out");
+    create_stream(&c, input, 1);
+    create_stream(&c, output, 1);
+    // The batch spins for up to a minute: a graceful stop would wait for it.
+    let config =
+        job_properties(dir.path(), "signal", input, output, "task.limits.batch.timeout.ms=60000\n");
+    let log = dir.path().join("host.log");
+    let log_file = std::fs::File::create(&log).expect("log file");
+    let mut child = Command::new(kinesis_host().get_program())
+        .envs(kinesis_host().get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .arg("run")
+        .arg(guest("spin-task"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .expect("kinesis-host starts");
+    put(&c, input, &[("k".to_owned(), "spin".to_owned())]);
+    wait_for_log(&log, "spinning", 1);
+    let pid = child.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    wait_for_log(&log, "Stopping: finishing the batches in flight", 1);
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "the second signal did not end the host; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(
+        std::fs::read_to_string(&log).unwrap_or_default().contains("Second signal: exiting now.")
+    );
+}

@@ -171,7 +171,7 @@ impl Sink for Collect {
 impl ShardProcessor for TaskProcessor {
     async fn process(
         &mut self,
-        records: Vec<ShardRecord>,
+        records: Arc<Vec<ShardRecord>>,
         millis_behind_latest: Option<i64>,
     ) -> Result<usize, ProcessorError> {
         let worker = self.worker.clone();
@@ -185,7 +185,7 @@ impl ShardProcessor for TaskProcessor {
             batch
                 .set_millis_behind_latest(millis_behind_latest.and_then(|m| u64::try_from(m).ok()));
             let mut failure = None;
-            for r in &records {
+            for r in records.iter() {
                 let record = RecordRef {
                     data: &r.data,
                     partition_key: &r.partition_key,
@@ -217,7 +217,10 @@ impl ShardProcessor for TaskProcessor {
             (sink, failure)
         })
         .await
-        .map_err(|e| ProcessorError(format!("the task's thread failed: {e}")))?;
+        .map_err(|e| ProcessorError {
+            done: 0,
+            message: format!("the task's thread failed: {e}"),
+        })?;
         // Send what the done records emitted, per output in order, before anything is
         // checkpointed.
         let mut per_output: BTreeMap<&str, Vec<OutputRecord>> = BTreeMap::new();
@@ -226,12 +229,18 @@ impl ShardProcessor for TaskProcessor {
         }
         for (name, records) in per_output {
             let Some(producer) = self.outputs.get(name) else {
-                return Err(ProcessorError(format!("the task emitted to unknown output {name}")));
+                return Err(ProcessorError {
+                    done: 0,
+                    message: format!("the task emitted to unknown output {name}"),
+                });
             };
-            producer.send(&records).await.map_err(|e| ProcessorError(e.to_string()))?;
+            producer
+                .send(&records)
+                .await
+                .map_err(|e| ProcessorError { done: 0, message: e.to_string() })?;
         }
         match failure {
-            Some(failure) => Err(ProcessorError(failure)),
+            Some(message) => Err(ProcessorError { done: collected.done, message }),
             None => Ok(collected.done),
         }
     }

@@ -27,16 +27,22 @@ pub struct ShardRecord {
     pub partition_key: String,
     /// The explicit hash key, if any.
     pub explicit_hash_key: Option<String>,
-    /// The data.
-    pub data: Vec<u8>,
+    /// The data: a slice of the fetched Kinesis record, not a copy.
+    pub data: bytes::Bytes,
     /// When Kinesis accepted the record, in milliseconds since the Unix epoch.
     pub arrival_millis: u64,
 }
 
 /// Why a shard's processor stopped.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ProcessorError(pub String);
+#[error("{message}")]
+pub struct ProcessorError {
+    /// Leading records that were done (outputs acknowledged) before the failure; the worker
+    /// checkpoints after them before stopping the shard.
+    pub done: usize,
+    /// What went wrong.
+    pub message: String,
+}
 
 /// Processes one shard's records; created when the worker takes the shard's lease.
 pub trait ShardProcessor: Send + 'static {
@@ -45,7 +51,7 @@ pub trait ShardProcessor: Send + 'static {
     /// all, or an error, stops the shard on this host.
     fn process(
         &mut self,
-        records: Vec<ShardRecord>,
+        records: Arc<Vec<ShardRecord>>,
         millis_behind_latest: Option<i64>,
     ) -> impl Future<Output = Result<usize, ProcessorError>> + Send;
 
@@ -116,6 +122,10 @@ struct Held {
     stop: watch::Sender<bool>,
 }
 
+/// Shards whose processing failed on this host, and until when this host leaves them to others
+/// (doubling from the failover time up to five minutes).
+type Cooldown = Arc<std::sync::Mutex<HashMap<String, (Instant, u32)>>>;
+
 /// Runs the worker until `shutdown` completes, then stops gracefully.
 ///
 /// # Errors
@@ -132,6 +142,7 @@ pub async fn run<F: ProcessorFactory>(
     let config = Arc::new(config);
     let held: Arc<std::sync::Mutex<HashMap<String, Arc<Held>>>> = Arc::default();
     let wake = Arc::new(Notify::new());
+    let cooldown: Cooldown = Arc::default();
     let mut tasks = JoinSet::new();
     let mut seen: HashMap<String, (u64, Instant)> = HashMap::new();
     let tick = (config.failover_time / 3)
@@ -141,9 +152,10 @@ pub async fn run<F: ProcessorFactory>(
     tokio::pin!(shutdown);
     loop {
         renew_all(&table, &held, &config).await;
-        if let Err(error) =
-            take_leases(&kinesis, &table, &config, &factory, &held, &wake, &mut tasks, &mut seen)
-                .await
+        if let Err(error) = take_leases(
+            &kinesis, &table, &config, &factory, &held, &wake, &cooldown, &mut tasks, &mut seen,
+        )
+        .await
         {
             tracing::warn!(%error, "Lease scan failed; retrying at the next tick.");
         }
@@ -273,10 +285,18 @@ async fn take_leases<F: ProcessorFactory>(
     factory: &Arc<F>,
     held: &Arc<std::sync::Mutex<HashMap<String, Arc<Held>>>>,
     wake: &Arc<Notify>,
+    cooldown: &Cooldown,
     tasks: &mut JoinSet<()>,
     seen: &mut HashMap<String, (u64, Instant)>,
 ) -> Result<(), LeaseError> {
     let now = Instant::now();
+    let resting: HashSet<String> = cooldown
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .filter(|(_, (until, _))| *until > now)
+        .map(|(k, _)| k.clone())
+        .collect();
     let leases = table.list().await?;
     let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
     let mine: HashSet<String> =
@@ -325,8 +345,11 @@ async fn take_leases<F: ProcessorFactory>(
             .iter()
             .all(|p| by_key.get(p.as_str()).is_none_or(|pl| pl.checkpoint == Checkpoint::ShardEnd))
     };
-    let mut to_take: Vec<&Lease> =
-        available.into_iter().filter(|l| ready(l)).take(needed).collect();
+    let mut to_take: Vec<&Lease> = available
+        .into_iter()
+        .filter(|l| ready(l) && !resting.contains(&l.key))
+        .take(needed)
+        .collect();
     if to_take.is_empty() {
         // Steal from the most loaded worker, bounded per round.
         let victim = counts
@@ -369,6 +392,7 @@ async fn take_leases<F: ProcessorFactory>(
                     stopped,
                     held.clone(),
                     wake.clone(),
+                    cooldown.clone(),
                 ));
             }
             Err(LeaseError::Lost { .. }) => {
@@ -419,12 +443,20 @@ async fn shard_task<P: ShardProcessor>(
     mut stop: watch::Receiver<bool>,
     registry: Arc<std::sync::Mutex<HashMap<String, Arc<Held>>>>,
     wake: Arc<Notify>,
+    cooldown: Cooldown,
 ) {
     let key = held.lease.lock().await.key.clone();
     let ended = match consume(&kinesis, &table, &config, &held, &mut processor, &mut stop).await {
         Ok(ended) => ended,
         Err(error) => {
-            tracing::error!(shard = %key, %error, "Shard stopped on this host; its lease is released for a retry.");
+            let mut rest = cooldown.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let failures = rest.get(&key).map_or(0, |(_, n)| *n) + 1;
+            let pause = config
+                .failover_time
+                .saturating_mul(1 << failures.min(8))
+                .min(Duration::from_secs(300));
+            rest.insert(key.clone(), (Instant::now() + pause, failures));
+            tracing::error!(shard = %key, %error, retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX), "Shard stopped on this host; its lease is released, and this host retries it later.");
             Ended::Stopped
         }
     };
@@ -560,7 +592,7 @@ async fn consume<P: ShardProcessor>(
                         sub_sequence_number: u.sub_sequence_number,
                         partition_key: u.partition_key,
                         explicit_hash_key: u.explicit_hash_key,
-                        data: u.data.to_vec(),
+                        data: u.data,
                         arrival_millis,
                     });
                 }
@@ -568,20 +600,30 @@ async fn consume<P: ShardProcessor>(
         }
         if !records.is_empty() || config.call_process_records_even_for_empty_list {
             let count = records.len();
-            let last = records
-                .last()
-                .map(|r| Checkpoint::after(&r.sequence_number, r.sub_sequence_number));
-            let processed = processor.process(records, fetch.millis_behind_latest).await?;
-            if processed < count {
-                return Err(ProcessorError(format!(
-                    "the task finished {processed} of {count} records"
-                ))
-                .into());
-            }
-            if let Some(last) = last {
-                done = last;
+            let records = Arc::new(records);
+            let (processed, failure) =
+                match processor.process(records.clone(), fetch.millis_behind_latest).await {
+                    Ok(processed) if processed >= count => (count, None),
+                    Ok(processed) => (
+                        processed,
+                        Some(ProcessorError {
+                            done: processed,
+                            message: format!("the task finished {processed} of {count} records"),
+                        }),
+                    ),
+                    Err(e) => (e.done.min(count), Some(e)),
+                };
+            if let Some(last) = processed.checked_sub(1).and_then(|i| records.get(i)) {
+                done = Checkpoint::after(&last.sequence_number, last.sub_sequence_number);
                 reader.processed(done.clone());
                 dirty = true;
+            }
+            if let Some(failure) = failure {
+                // Keep what was done, then stop the shard on this host.
+                if dirty && !checkpoint(table, held, done.clone()).await? {
+                    return Ok(Ended::Lost);
+                }
+                return Err(failure.into());
             }
         }
         if let Some(children) = fetch.shard_end {

@@ -17,6 +17,9 @@ impl Task for Spin {
     fn process(&mut self, batch: &Batch<'_>) -> Result<Done, TaskError> {
         for record in batch {
             if record.data() == b"spin" {
+                // Logged before the loop: the host writes task logs at once, so tests can see
+                // that the batch is in flight.
+                kinesis_task::log::info("spinning");
                 spin();
             }
             emit("out", record.partition_key(), record.data())
