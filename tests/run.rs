@@ -792,3 +792,40 @@ fn a_second_signal_exits_at_once_while_a_batch_is_in_flight() {
         std::fs::read_to_string(&log).unwrap_or_default().contains("Second signal: exiting now.")
     );
 }
+
+#[test]
+fn one_job_consumes_several_input_streams() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (a, b, output) = ("run-multi-a", "run-multi-b", "run-multi-out");
+    create_stream(&c, a, 1);
+    create_stream(&c, b, 2);
+    create_stream(&c, output, 1);
+    let from_a: Vec<(String, String)> =
+        numbered(3, 3, 0).into_iter().map(|(k, d)| (format!("a-{k}"), d)).collect();
+    let from_b: Vec<(String, String)> =
+        numbered(3, 3, 0).into_iter().map(|(k, d)| (format!("b-{k}"), d)).collect();
+    put(&c, a, &from_a);
+    put(&c, b, &from_b);
+    let config = job_properties(
+        dir.path(),
+        "multi",
+        a,
+        output,
+        &format!(
+            "task.inputs=kinesis.{a},kinesis.{b}\n\
+             systems.kinesis.streams.{b}.aws.accessKey=test\n\
+             sensitive.systems.kinesis.streams.{b}.aws.secretKey=test\n"
+        ),
+    );
+    let log = dir.path().join("host.log");
+    let host = Host::start(&config, &log);
+    let mut sent = from_a;
+    sent.extend(from_b);
+    let got = wait_for_records(&c, output, sent.len(), &log);
+    assert!(host.stop().success());
+    assert_eq!(by_key(&got), by_key(&sent));
+    // One lease table per input stream, as Samza names them.
+    assert_eq!(lease_items(&c, "multi-1-run-multi-a").len(), 1);
+    assert_eq!(lease_items(&c, "multi-1-run-multi-b").len(), 2);
+}
