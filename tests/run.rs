@@ -829,3 +829,58 @@ fn one_job_consumes_several_input_streams() {
     assert_eq!(lease_items(&c, "multi-1-run-multi-a").len(), 1);
     assert_eq!(lease_items(&c, "multi-1-run-multi-b").len(), 2);
 }
+
+#[path = "common/faults.rs"]
+mod faults;
+
+#[test]
+fn throttling_and_transient_faults_are_survived() {
+    use faults::{Fault, FaultProxy, Rule};
+    let c = clients();
+    let e = emulators::emulators();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("run-faults-in", "run-faults-out");
+    create_stream(&c, input, 2);
+    create_stream(&c, output, 1);
+    let sent = numbered(4, 6, 0);
+    put(&c, input, &sent);
+    let rule = |target_suffix, every, fault| Rule { target_suffix, every, fault, limit: Some(20) };
+    let kinesis = FaultProxy::start(
+        &e.kinesis_endpoint,
+        vec![
+            rule("GetRecords", 3, Fault::Throttle),
+            rule("PutRecords", 2, Fault::ServerError),
+            rule("GetShardIterator", 2, Fault::Reset),
+            rule("ListShards", 2, Fault::Throttle),
+        ],
+    );
+    let dynamodb = FaultProxy::start(
+        &e.dynamodb_endpoint,
+        vec![rule("UpdateItem", 3, Fault::Throttle), rule("Scan", 4, Fault::ServerError)],
+    );
+    let config = job_properties(
+        dir.path(),
+        "faults",
+        input,
+        output,
+        &format!(
+            "systems.kinesis.aws.kinesis.endpoint={}\nsystems.kinesis.aws.dynamodb.endpoint={}\n",
+            kinesis.endpoint(),
+            dynamodb.endpoint()
+        ),
+    );
+    let log = dir.path().join("host.log");
+    let host = Host::start(&config, &log);
+    let got = wait_for_records(&c, output, sent.len(), &log);
+    assert!(host.stop().success(), "log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert_eq!(got.len(), sent.len(), "no record lost or repeated");
+    assert_eq!(by_key(&got), by_key(&sent));
+    for (proxy, target) in [
+        (&kinesis, "GetRecords"),
+        (&kinesis, "PutRecords"),
+        (&kinesis, "GetShardIterator"),
+        (&dynamodb, "UpdateItem"),
+    ] {
+        assert!(proxy.injected(target) > 0, "no fault was injected into {target}");
+    }
+}
