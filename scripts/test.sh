@@ -12,16 +12,17 @@ rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add was
 step "Formatting"
 cargo fmt --all -- --check
 
-step "Lints (host and guests, native and wasm32-wasip2)"
-cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo clippy --workspace --exclude kinesis-host --exclude kinesis-host-runtime --exclude kinesis-host-bench \
-  --target wasm32-wasip2 --locked -- -D warnings
-
-step "Guest components (built once; the tests reuse them)"
+# Every guest package (examples, test fixtures, benchmark guests), by name.
 guests=()
-for manifest in examples/*/Cargo.toml tests/guests/*/Cargo.toml; do
+for manifest in examples/*/Cargo.toml tests/guests/*/Cargo.toml bench/guests/*/Cargo.toml; do
   guests+=(-p "$(sed -n 's/^name = "\(.*\)"/\1/p' "$manifest" | head -n 1)")
 done
+
+step "Lints (host and guests, native and wasm32-wasip2)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy "${guests[@]}" -p kinesis-task --target wasm32-wasip2 --locked -- -D warnings
+
+step "Guest components (built once; the tests reuse them)"
 cargo build --locked --profile guest --target wasm32-wasip2 "${guests[@]}"
 
 step "AWS emulators (kinesis-local, dynalite) for the integration tests, which start them"

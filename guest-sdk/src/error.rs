@@ -9,8 +9,8 @@ use crate::__private::wit::kinesis::task as wit;
 pub enum ErrorKind {
     /// A passing problem: the host backs off and delivers the batch again.
     Retryable,
-    /// One record can never be processed: the host sets it aside (to the dead-letter output
-    /// when the job has one) and goes on with the records after it.
+    /// One record can never be processed: the host sets it aside (logging its position) and
+    /// goes on with the records after it.
     PoisonRecord,
     /// The task cannot go on: the host stops the shard and reports the error.
     Fatal,
