@@ -156,7 +156,6 @@ fn job_properties(
          systems.kinesis.aws.dynamodb.endpoint={}\n\
          systems.kinesis.aws.kcl.InitialPositionInStream=TRIM_HORIZON\n\
          systems.kinesis.aws.kcl.IdleTimeBetweenReadsInMillis=100\n\
-         systems.kinesis.aws.kcl.FailoverTimeMillis=3000\n\
          {extra}",
         e.kinesis_endpoint, e.dynamodb_endpoint,
     );
@@ -680,7 +679,14 @@ fn a_killed_host_resumes_after_its_checkpoint_losing_nothing() {
     create_stream(&c, output, 1);
     let first = numbered(4, 3, 0);
     put(&c, input, &first);
-    let config = job_properties(dir.path(), "kill", input, output, "");
+    // A short failover time: the dead host's leases expire after 3 s.
+    let config = job_properties(
+        dir.path(),
+        "kill",
+        input,
+        output,
+        "systems.kinesis.aws.kcl.FailoverTimeMillis=3000\n",
+    );
     let log = dir.path().join("host.log");
     let host = Host::start(&config, &log);
     wait_for_records(&c, output, first.len(), &log);
@@ -883,4 +889,323 @@ fn throttling_and_transient_faults_are_survived() {
     ] {
         assert!(proxy.injected(target) > 0, "no fault was injected into {target}");
     }
+}
+
+#[test]
+fn standard_aws_environment_variables_pick_endpoints_and_region() {
+    let c = clients();
+    let e = emulators::emulators();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("run-env-in", "run-env-out");
+    create_stream(&c, input, 1);
+    create_stream(&c, output, 1);
+    let sent = numbered(2, 2, 0);
+    put(&c, input, &sent);
+    // No region, keys or endpoints in the file: they come from the standard variables.
+    let config = dir.path().join("job.properties");
+    std::fs::write(
+        &config,
+        format!(
+            "job.name=env\n\
+             task.inputs=kinesis.{input}\n\
+             task.output.out=kinesis.{output}\n\
+             task.commit.ms=1\n\
+             systems.kinesis.samza.factory=org.apache.samza.system.kinesis.KinesisSystemFactory\n\
+             systems.kinesis.aws.kcl.InitialPositionInStream=TRIM_HORIZON\n\
+             systems.kinesis.aws.kcl.IdleTimeBetweenReadsInMillis=100\n"
+        ),
+    )
+    .expect("write job.properties");
+    let log = dir.path().join("host.log");
+    let log_file = std::fs::File::create(&log).expect("log file");
+    let child = Command::new(kinesis_host().get_program())
+        .envs(kinesis_host().get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_ENDPOINT_URL_KINESIS", &e.kinesis_endpoint)
+        .env("AWS_ENDPOINT_URL_DYNAMODB", &e.dynamodb_endpoint)
+        .env_remove("AWS_PROFILE")
+        .arg("run")
+        .arg(guest("echo-task"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .expect("kinesis-host starts");
+    let host = Host(child);
+    let got = wait_for_records(&c, output, sent.len(), &log);
+    assert!(host.stop().success());
+    assert_eq!(by_key(&got), by_key(&sent));
+    assert_eq!(lease_items(&c, "env-1-run-env-in").len(), 1);
+}
+
+/// Each lease's checkpoint, by shard.
+fn checkpoints(c: &AwsClients, table: &str) -> BTreeMap<String, String> {
+    lease_items(c, table)
+        .iter()
+        .map(|i| {
+            let get = |k: &str| i.get(k).and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
+            (get("leaseKey"), get("checkpoint"))
+        })
+        .collect()
+}
+
+fn decimal_at_least(a: &str, b: &str) -> bool {
+    // Sequence numbers are decimal strings longer than u128: compare by length, then digits.
+    (a.len(), a) >= (b.len(), b)
+}
+
+#[test]
+fn a_host_paused_past_its_lease_cannot_checkpoint_when_it_resumes() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("run-pause-in", "run-pause-out");
+    create_stream(&c, input, 2);
+    create_stream(&c, output, 1);
+    let first = numbered(6, 2, 0);
+    put(&c, input, &first);
+    // Host A checkpoints rarely, so it holds processed but unrecorded records when paused.
+    let dir_a = dir.path().join("a");
+    let dir_b = dir.path().join("b");
+    std::fs::create_dir_all(&dir_a).expect("dir");
+    std::fs::create_dir_all(&dir_b).expect("dir");
+    let failover = "systems.kinesis.aws.kcl.FailoverTimeMillis=3000\n";
+    let slow = job_properties(
+        &dir_a,
+        "pause",
+        input,
+        output,
+        &format!("{failover}task.commit.ms=600000\n"),
+    );
+    let fast = job_properties(&dir_b, "pause", input, output, failover);
+    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let a = Host::start(&slow, &log_a);
+    wait_for_records(&c, output, first.len(), &log_a);
+    let pid_a = a.0.id().to_string();
+    let _ = Command::new("kill").args(["-STOP", &pid_a]).status();
+
+    // B takes the expired leases, re-processes from the last checkpoint, and goes on.
+    let b = Host::start(&fast, &log_b);
+    let second = numbered(6, 2, 2);
+    put(&c, input, &second);
+    let mut sent = first.clone();
+    sent.extend(second.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = by_key(&read_all(&c, output));
+        let done = by_key(&sent)
+            .iter()
+            .all(|(k, v)| got.get(k).is_some_and(|g| v.iter().all(|r| g.contains(r))));
+        if done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B did not deliver; log:\n{}",
+            std::fs::read_to_string(&log_b).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_for_log(&log_b, "Checkpointed.", 2);
+    let table = "pause-1-run-pause-in";
+    let before = checkpoints(&c, table);
+
+    // A wakes up holding stale leases and unrecorded progress: its checkpoint must be refused.
+    let _ = Command::new("kill").args(["-CONT", &pid_a]).status();
+    wait_for_log(&log_a, "Lost lease", 2);
+    wait_for_log(&log_a, "cannot checkpoint", 1);
+    let after = checkpoints(&c, table);
+    for (shard, cp) in &before {
+        let now = after.get(shard).cloned().unwrap_or_default();
+        assert!(
+            now == "SHARD_END" || decimal_at_least(&now, cp),
+            "{shard}: checkpoint went back from {cp} to {now}: a host without the lease wrote it"
+        );
+    }
+    assert!(b.stop().success());
+    assert!(a.stop().success());
+    // Every record was delivered, first deliveries in order per key.
+    let got = by_key(&read_all(&c, output));
+    for (key, records) in by_key(&sent) {
+        let mut firsts: Vec<&String> = Vec::new();
+        for r in &got[&key] {
+            if !firsts.contains(&r) {
+                firsts.push(r);
+            }
+        }
+        assert_eq!(firsts, records.iter().collect::<Vec<_>>(), "{key}");
+    }
+}
+
+#[path = "common/forward_proxy.rs"]
+mod forward_proxy;
+
+#[test]
+fn client_config_proxy_carries_every_kinesis_and_dynamodb_request() {
+    let c = clients();
+    let e = emulators::emulators();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("run-proxy-in", "run-proxy-out");
+    create_stream(&c, input, 2);
+    create_stream(&c, output, 1);
+    let sent = numbered(3, 4, 0);
+    put(&c, input, &sent);
+    let proxy = forward_proxy::ForwardProxy::start();
+    // The emulators under names that only the proxy resolves: without the proxy, nothing works.
+    let port = |endpoint: &str| endpoint.rsplit(':').next().unwrap_or_default().to_owned();
+    let kinesis = format!("kinesis.invalid:{}", port(&e.kinesis_endpoint));
+    let dynamodb = format!("dynamodb.invalid:{}", port(&e.dynamodb_endpoint));
+    let config = job_properties(
+        dir.path(),
+        "proxy",
+        input,
+        output,
+        &format!(
+            "systems.kinesis.aws.kinesis.endpoint=http://{kinesis}\n\
+             systems.kinesis.aws.dynamodb.endpoint=http://{dynamodb}\n\
+             systems.kinesis.aws.clientConfig.ProxyHost=127.0.0.1\n\
+             systems.kinesis.aws.clientConfig.ProxyPort={}\n\
+             systems.kinesis.aws.clientConfig.MaxConnections=2\n",
+            proxy.port()
+        ),
+    );
+    let log = dir.path().join("host.log");
+    let host = Host::start(&config, &log);
+    let got = wait_for_records(&c, output, sent.len(), &log);
+    assert!(host.stop().success(), "log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert_eq!(got.len(), sent.len(), "no record lost or repeated");
+    assert_eq!(by_key(&got), by_key(&sent));
+    for (upstream, target) in [
+        (&kinesis, "ListShards"),
+        (&kinesis, "GetRecords"),
+        (&kinesis, "PutRecords"),
+        (&dynamodb, "UpdateItem"),
+    ] {
+        assert!(proxy.requests(upstream, target) > 0, "no {target} request reached {upstream}");
+    }
+    assert_eq!(proxy.refused(), 0, "the proxy refused requests");
+    assert_eq!(lease_items(&c, "proxy-1-run-proxy-in").len(), 2);
+}
+
+/// One HTTP/1.0 `GET` against the host's `metrics.address`: status code, head and body.
+fn http_get(address: &str, path: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to metrics.address");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").expect("send the request");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read the answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP head");
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status code");
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// The value of the sample of `name` whose labels include `labels`, in a Prometheus exposition.
+fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let (set, value) = line.strip_prefix(name)?.strip_prefix('{')?.split_once("} ")?;
+        let has = |(k, v): &(&str, &str)| set.split(',').any(|l| l == format!("{k}=\"{v}\""));
+        labels.iter().all(has).then(|| value.trim().parse().ok()).flatten()
+    })
+}
+
+#[test]
+fn metrics_address_serves_prometheus_metrics_health_and_readiness() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("run-metrics-in", "run-metrics-out");
+    create_stream(&c, input, 2);
+    create_stream(&c, output, 1);
+    let sent = numbered(4, 5, 0);
+    put(&c, input, &sent);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    let config = job_properties(
+        dir.path(),
+        "metrics",
+        input,
+        output,
+        &format!("metrics.address={address}\n"),
+    );
+    let log = dir.path().join("host.log");
+    let host = Host::start(&config, &log);
+    let got = wait_for_records(&c, output, sent.len(), &log);
+    assert_eq!(by_key(&got), by_key(&sent));
+
+    // The counter moves once the outputs are acknowledged, the checkpoint follows: wait (bounded)
+    // until both are there.
+    let records = [("job", "metrics"), ("stream", input)];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (head, exposition) = loop {
+        let (status, head, body) = http_get(&address, "/metrics");
+        assert_eq!(status, 200, "{head}\n{body}");
+        if sample(&body, "kinesis_host_records_processed_total", &records)
+            .is_some_and(|n| n >= sent.len() as f64)
+            && sample(&body, "kinesis_host_checkpoints_total", &records).is_some()
+            || Instant::now() > deadline
+        {
+            break (head, body);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    assert_eq!(
+        sample(&exposition, "kinesis_host_records_processed_total", &records),
+        Some(sent.len() as f64),
+        "{exposition}\nlog:\n{}",
+        log_text()
+    );
+    let bytes: usize = sent.iter().map(|(_, data)| data.len()).sum();
+    assert_eq!(
+        sample(&exposition, "kinesis_host_bytes_processed_total", &records),
+        Some(bytes as f64),
+        "{exposition}"
+    );
+    assert_eq!(
+        sample(&exposition, "kinesis_host_leases_held", &records),
+        Some(2.0),
+        "{exposition}"
+    );
+    assert!(
+        sample(&exposition, "kinesis_host_leases_taken_total", &records).is_some_and(|n| n >= 2.0),
+        "{exposition}"
+    );
+    assert!(
+        sample(&exposition, "kinesis_host_batch_latency_seconds_count", &records)
+            .is_some_and(|n| n >= 1.0),
+        "{exposition}"
+    );
+    assert!(
+        exposition.contains("kinesis_host_batch_latency_seconds_bucket{"),
+        "a histogram, not a summary:\n{exposition}"
+    );
+    assert!(
+        sample(&exposition, "kinesis_host_checkpoints_total", &records).is_some_and(|n| n >= 1.0),
+        "{exposition}"
+    );
+    assert!(
+        sample(&exposition, "kinesis_host_millis_behind_latest", &records).is_some(),
+        "{exposition}"
+    );
+    assert!(!exposition.contains("kinesis_host_task_errors_total"), "{exposition}");
+
+    let (status, _, body) = http_get(&address, "/readyz");
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    let (status, _, body) = http_get(&address, "/healthz");
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, _, _) = http_get(&address, "/elsewhere");
+    assert_eq!(status, 404);
+
+    let status = host.stop();
+    assert!(status.success(), "exit {status}; log:\n{}", log_text());
+    assert!(std::net::TcpStream::connect(&address).is_err(), "the endpoint closes with the host");
 }

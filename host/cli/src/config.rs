@@ -118,6 +118,9 @@ pub struct JobConfig {
     pub batch: BatchLimits,
     /// `task.retry.*`.
     pub retry: RetryPolicy,
+    /// `metrics.address`: the `host:port` where `run` serves `/metrics`, `/healthz` and
+    /// `/readyz`; `None` (absent or empty) serves nothing.
+    pub metrics_address: Option<String>,
 }
 
 impl Default for JobConfig {
@@ -129,6 +132,7 @@ impl Default for JobConfig {
             limits: Limits::default(),
             batch: BatchLimits::default(),
             retry: RetryPolicy::default(),
+            metrics_address: None,
         }
     }
 }
@@ -298,6 +302,14 @@ impl JobConfig {
             .range("task.config.".to_owned()..)
             .map_while(|(k, v)| k.strip_prefix("task.config.").map(|k| (k.to_owned(), v.clone())))
             .collect();
+        let metrics_address = match p.props.get(METRICS_ADDRESS).map(|v| v.trim()) {
+            None | Some("") => None,
+            Some(value) => Some(
+                listen_address(value)
+                    .map_err(|problem| p.invalid(METRICS_ADDRESS, problem))?
+                    .to_owned(),
+            ),
+        };
         Ok(Self {
             job_name: p.props.get("job.name").cloned().unwrap_or_else(|| "replay".to_owned()),
             task_config,
@@ -305,6 +317,7 @@ impl JobConfig {
             limits,
             batch,
             retry,
+            metrics_address,
         })
     }
 
@@ -316,6 +329,36 @@ impl JobConfig {
             Outputs::Only(self.outputs.keys().cloned().collect::<BTreeSet<_>>())
         }
     }
+}
+
+/// The key of the address `run` serves metrics and health checks on.
+const METRICS_ADDRESS: &str = "metrics.address";
+
+/// Checks that `value` is `host:port`: an IPv4 address, a host name or a bracketed IPv6 address,
+/// then a port from 1 to 65535. Returns it unchanged; it is resolved when `run` binds it.
+fn listen_address(value: &str) -> Result<&str, String> {
+    const EXPECTED: &str = "expected host:port with a port from 1 to 65535, such as 127.0.0.1:9090, 0.0.0.0:9090, localhost:9090 or [::1]:9090";
+    let Some((host, port)) = value.rsplit_once(':') else {
+        return Err(EXPECTED.to_owned());
+    };
+    let port_ok = !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_ok_and(|p| p != 0);
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host.len() <= 253
+                && host.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && !label.starts_with('-')
+                        && !label.ends_with('-')
+                        && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                })
+        }
+    };
+    if host_ok && port_ok { Ok(value) } else { Err(EXPECTED.to_owned()) }
 }
 
 struct Props<'a> {
@@ -451,6 +494,46 @@ mod tests {
             .expect_err("invalid")
             .to_string();
         assert!(err.contains("did you mean task.limits.memory.bytes?"), "{err}");
+    }
+
+    #[test]
+    fn metrics_address_is_host_and_port() -> Result<(), ConfigError> {
+        assert_eq!(parse(&[])?.metrics_address, None);
+        assert_eq!(parse(&[("metrics.address", " ")])?.metrics_address, None);
+        for good in
+            ["127.0.0.1:9090", "0.0.0.0:1", "localhost:65535", "metrics.internal:80", "[::1]:9090"]
+        {
+            let c = parse(&[("metrics.address", good)])?;
+            assert_eq!(c.metrics_address.as_deref(), Some(good));
+        }
+        assert_eq!(
+            parse(&[("metrics.address", " 127.0.0.1:9090 ")])?.metrics_address.as_deref(),
+            Some("127.0.0.1:9090")
+        );
+        for bad in [
+            "9090",
+            ":9090",
+            "127.0.0.1",
+            "127.0.0.1:",
+            "127.0.0.1:0",
+            "127.0.0.1:65536",
+            "127.0.0.1:+80",
+            "::1:9090",
+            "[::1]",
+            "[nope]:9090",
+            "http://127.0.0.1:9090",
+            "host name:9090",
+            "-bad:9090",
+        ] {
+            let err = parse(&[("metrics.address", bad)]).map(|_| ()).expect_err(bad).to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "job.properties: metrics.address={bad} is not valid: expected host:port with a port from 1 to 65535, such as 127.0.0.1:9090, 0.0.0.0:9090, localhost:9090 or [::1]:9090"
+                )
+            );
+        }
+        Ok(())
     }
 
     #[test]

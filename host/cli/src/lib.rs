@@ -2,7 +2,9 @@
 //! pipeline that joins record sources to the task runtime, and `replay`.
 
 pub mod config;
+pub mod metrics;
 pub mod pipeline;
 pub mod replay;
 pub mod run;
 pub mod samza;
+pub mod status;

@@ -44,6 +44,8 @@ enum Command {
     Replay(ReplayArgs),
     /// Check that a component is a kinesis-host task, and list what it imports.
     Check(CheckArgs),
+    /// Show the job's shards, leases, owners, checkpoints and lag, per input stream.
+    Status(StatusArgs),
 }
 
 #[derive(Debug, Args)]
@@ -82,6 +84,16 @@ struct CheckArgs {
     /// Also validate this job.properties.
     #[arg(long, short, value_name = "FILE")]
     config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// The job's settings: Samza's job.properties keys plus kinesis-host's own.
+    #[arg(long, short, value_name = "FILE")]
+    config: PathBuf,
+    /// Print one JSON document (full values) instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -135,6 +147,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run_job(&runtime, args),
         Command::Replay(args) => replay(&runtime, args),
         Command::Check(args) => check(&runtime, args),
+        Command::Status(args) => status_cmd(args),
     }
 }
 
@@ -280,4 +293,31 @@ fn check(runtime: &Runtime, args: CheckArgs) -> anyhow::Result<ExitCode> {
         writeln!(out, "config: {} is valid", path.display())?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn status_cmd(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let props = kinesis_host::config::read_properties(&args.config)?;
+    let (run, warnings) = kinesis_host::samza::parse_run_config(&args.config, &props)?;
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let streams = tokio.block_on(kinesis_host::status::status(&run.inputs));
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &streams)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", kinesis_host::status::render_text(&streams))?;
+    }
+    out.flush()?;
+    let mut failed = false;
+    for error in streams.iter().filter_map(|s| s.error.as_deref()) {
+        eprintln!("error: {error}");
+        failed = true;
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

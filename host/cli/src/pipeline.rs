@@ -2,13 +2,21 @@
 //! and commits records. It applies the failure policy: retryable errors and traps back off and
 //! retry (a trap also re-creates the instance), a poison record is set aside while the records
 //! around it go on, a fatal error stops the shard.
+//!
+//! It records, labelled with the `stream`, `kinesis_host_task_errors_total` (one per failed
+//! call, by `kind`: `retryable`, `poison_record`, `fatal`, `trap`, `instantiate`, `contract`,
+//! `no_progress`), `kinesis_host_task_traps_total` (by `trap`: `deadline`,
+//! `memory_limit`, `panic`, `stack_overflow`, `other`), `kinesis_host_task_retries_total`,
+//! `kinesis_host_poison_records_total` and `kinesis_host_task_shard_stops_total` (by `reason`:
+//! `fatal` or `retries_exhausted`), through the [`metrics`] facade: no-ops unless a recorder is
+//! installed, as `run` does with `metrics.address`.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use kinesis_host_runtime::{
     Batch, BatchOutput, CallError, Clock, InstanceSpec, RecordRef, ShardState, TaskComponent,
-    TaskErrorKind, TaskInstance,
+    TaskErrorKind, TaskInstance, TrapKind,
 };
 
 use crate::config::RetryPolicy;
@@ -148,11 +156,13 @@ impl ShardWorker {
                         continue;
                     }
                     failures += 1;
+                    self.count_error("no_progress");
                     let error = CallError::Contract {
                         shard_id: shard_id.clone(),
                         message: "it finished none of the batch's records".into(),
                     };
                     if failures >= self.retry.max_attempts {
+                        self.count_stop("retries_exhausted");
                         return Err(ShardError::RetriesExhausted {
                             shard_id,
                             attempts: failures,
@@ -160,12 +170,22 @@ impl ShardWorker {
                         });
                     }
                     self.stats.retries += 1;
+                    self.count_retry();
                     self.clock.sleep(self.retry.backoff(failures));
                     work.push_front(rest);
                     continue;
                 }
                 Err(error) => error,
             };
+            self.count_error(error_kind(&error));
+            if let CallError::Trap { kind, .. } = &error {
+                metrics::counter!(
+                    "kinesis_host_task_traps_total",
+                    "stream" => self.spec.stream.clone(),
+                    "trap" => trap_kind(*kind),
+                )
+                .increment(1);
+            }
             match &error {
                 CallError::Task {
                     kind: TaskErrorKind::PoisonRecord,
@@ -179,6 +199,11 @@ impl ShardWorker {
                         sink.poison(&shard_id, record, message);
                     }
                     self.stats.poison_records += 1;
+                    metrics::counter!(
+                        "kinesis_host_poison_records_total",
+                        "stream" => self.spec.stream.clone(),
+                    )
+                    .increment(1);
                     failures = 0;
                     // The records before it are delivered again: their emits were discarded.
                     work.push_front(pending.slice(index + 1..pending.len()));
@@ -189,6 +214,7 @@ impl ShardWorker {
                     ..
                 }
                 | CallError::Contract { .. } => {
+                    self.count_stop("fatal");
                     return Err(ShardError::Fatal { shard_id, source: error });
                 }
                 _ => {
@@ -198,6 +224,7 @@ impl ShardWorker {
                         self.instance = None;
                     }
                     if failures >= self.retry.max_attempts {
+                        self.count_stop("retries_exhausted");
                         return Err(ShardError::RetriesExhausted {
                             shard_id,
                             attempts: failures,
@@ -205,6 +232,7 @@ impl ShardWorker {
                         });
                     }
                     self.stats.retries += 1;
+                    self.count_retry();
                     let backoff = self.retry.backoff(failures);
                     tracing::warn!(shard = %shard_id, attempt = failures, backoff_ms = backoff.as_millis() as u64, %error, "Batch failed; retrying.");
                     self.clock.sleep(backoff);
@@ -228,5 +256,57 @@ impl ShardWorker {
             self.instance = Some(TaskInstance::new(&self.component, self.spec.clone())?);
         }
         Ok(())
+    }
+
+    /// Counts a failed `process` call (`kinesis_host_task_errors_total`).
+    fn count_error(&self, kind: &'static str) {
+        metrics::counter!(
+            "kinesis_host_task_errors_total",
+            "stream" => self.spec.stream.clone(),
+            "kind" => kind,
+        )
+        .increment(1);
+    }
+
+    /// Counts a batch retried after a back-off (`kinesis_host_task_retries_total`).
+    fn count_retry(&self) {
+        metrics::counter!("kinesis_host_task_retries_total", "stream" => self.spec.stream.clone())
+            .increment(1);
+    }
+
+    /// Counts a shard stopped by its task (`kinesis_host_task_shard_stops_total`).
+    fn count_stop(&self, reason: &'static str) {
+        metrics::counter!(
+            "kinesis_host_task_shard_stops_total",
+            "stream" => self.spec.stream.clone(),
+            "reason" => reason,
+        )
+        .increment(1);
+    }
+}
+
+/// The `kind` label of `kinesis_host_task_errors_total` for a failed call: the kind the task
+/// returned (`retryable`, `poison_record`, `fatal`), `trap` (the instance trapped or was
+/// unusable), `instantiate` (no new instance could be created) or `contract` (the task broke the
+/// contract). A call that returned ok but finished none of its records counts as `no_progress`.
+fn error_kind(error: &CallError) -> &'static str {
+    match error {
+        CallError::Task { kind: TaskErrorKind::Retryable, .. } => "retryable",
+        CallError::Task { kind: TaskErrorKind::PoisonRecord, .. } => "poison_record",
+        CallError::Task { kind: TaskErrorKind::Fatal, .. } => "fatal",
+        CallError::Trap { .. } | CallError::Poisoned { .. } => "trap",
+        CallError::Instantiate { .. } => "instantiate",
+        CallError::Contract { .. } => "contract",
+    }
+}
+
+/// The `trap` label of `kinesis_host_task_traps_total`.
+fn trap_kind(kind: TrapKind) -> &'static str {
+    match kind {
+        TrapKind::Deadline => "deadline",
+        TrapKind::MemoryLimit => "memory_limit",
+        TrapKind::Panic => "panic",
+        TrapKind::StackOverflow => "stack_overflow",
+        TrapKind::Other => "other",
     }
 }

@@ -2,9 +2,12 @@
 //! task over each shard's records and sends what it emits to the output streams.
 
 use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use kinesis_host_coordinator::aws::{AwsClients, AwsSettings as CoordAws, StaticKeys};
+use kinesis_host_coordinator::aws::{
+    AwsClients, AwsSettings as CoordAws, HttpProxy, InvalidProxy, StaticKeys,
+};
 use kinesis_host_coordinator::checkpoint::Checkpoint;
 use kinesis_host_coordinator::lease::{Billing, LeaseTable};
 use kinesis_host_coordinator::output::{OutputRecord, Producer};
@@ -16,12 +19,31 @@ use kinesis_host_runtime::{
 };
 
 use crate::config::JobConfig;
+use crate::metrics::{
+    BATCH_LATENCY, BYTES_PROCESSED, Health, MILLIS_BEHIND_LATEST, RECORDS_PROCESSED,
+};
 use crate::pipeline::{ShardWorker, Sink};
 use crate::samza::{AwsSettings, BillingMode, InitialPosition, InputStream, RunConfig};
 
 /// Converts the job's AWS settings for the coordinator.
-pub fn aws_settings(aws: &AwsSettings) -> CoordAws {
-    CoordAws {
+///
+/// `ProxyHost` without `ProxyPort` means port 80, the default port of the `http://` proxy URL.
+/// (The Java SDK would use no proxy then, unless the JVM's `http(s).proxyPort` is set.)
+///
+/// # Panics
+///
+/// If `ProxyHost` is no valid host, which [`crate::samza`] has already checked.
+///
+/// # Errors
+/// When `clientConfig.ProxyHost`/`ProxyPort` do not make a proxy URL.
+pub fn aws_settings(aws: &AwsSettings) -> Result<CoordAws, InvalidProxy> {
+    let client = &aws.client;
+    let proxy = client
+        .proxy_host
+        .as_deref()
+        .map(|host| HttpProxy::new(host, client.proxy_port.unwrap_or(80))) // the config requires a port
+        .transpose()?;
+    Ok(CoordAws {
         region: aws.region.clone(),
         keys: aws.credentials.as_ref().map(|c| StaticKeys {
             access_key_id: c.access_key_id.clone(),
@@ -29,9 +51,14 @@ pub fn aws_settings(aws: &AwsSettings) -> CoordAws {
         }),
         kinesis_endpoint: aws.kinesis_endpoint.clone(),
         dynamodb_endpoint: aws.dynamodb_endpoint.clone(),
-        connect_timeout: aws.client.connection_timeout,
-        read_timeout: aws.client.socket_timeout,
-    }
+        connect_timeout: client.connection_timeout,
+        read_timeout: client.socket_timeout,
+        proxy,
+        max_connections: client
+            .max_connections
+            .and_then(|n| usize::try_from(n).ok())
+            .and_then(NonZeroUsize::new),
+    })
 }
 
 /// The worker settings for one input stream.
@@ -121,6 +148,31 @@ impl ProcessorFactory for TaskProcessors {
             outputs: self.outputs.clone(),
             stream: stream.to_owned(),
             shard_id: shard_id.to_owned(),
+            metrics: ProcessorMetrics::new(stream, shard_id),
+        }
+    }
+}
+
+/// A shard processor's metric handles (no-ops unless `run` installed a recorder).
+struct ProcessorMetrics {
+    records: metrics::Counter,
+    bytes: metrics::Counter,
+    millis_behind_latest: metrics::Gauge,
+    batch_latency: metrics::Histogram,
+}
+
+impl ProcessorMetrics {
+    fn new(stream: &str, shard_id: &str) -> Self {
+        let stream = stream.to_owned();
+        Self {
+            records: metrics::counter!(RECORDS_PROCESSED, "stream" => stream.clone()),
+            bytes: metrics::counter!(BYTES_PROCESSED, "stream" => stream.clone()),
+            millis_behind_latest: metrics::gauge!(
+                MILLIS_BEHIND_LATEST,
+                "stream" => stream.clone(),
+                "shard" => shard_id.to_owned(),
+            ),
+            batch_latency: metrics::histogram!(BATCH_LATENCY, "stream" => stream),
         }
     }
 }
@@ -132,6 +184,7 @@ pub struct TaskProcessor {
     outputs: Arc<BTreeMap<String, Producer>>,
     stream: String,
     shard_id: String,
+    metrics: ProcessorMetrics,
 }
 
 impl std::fmt::Debug for TaskProcessor {
@@ -177,6 +230,17 @@ impl ShardProcessor for TaskProcessor {
         let worker = self.worker.clone();
         let (stream, shard_id) = (self.stream.clone(), self.shard_id.clone());
         let limits = self.job.batch;
+        if let Some(millis) = millis_behind_latest {
+            self.metrics.millis_behind_latest.set(millis as f64);
+        }
+        let batch_latency = self.metrics.batch_latency.clone();
+        let timed = move |worker: &mut ShardWorker, batch: Batch, sink: &mut Collect| {
+            let started = std::time::Instant::now();
+            let result = worker.run(batch, sink);
+            batch_latency.record(started.elapsed().as_secs_f64());
+            result
+        };
+        let all = records.clone();
         // The task runs on a blocking thread, so a slow task never stalls lease renewal.
         let (collected, failure) = tokio::task::spawn_blocking(move || {
             let mut worker = worker.lock().unwrap_or_else(PoisonError::into_inner);
@@ -201,7 +265,7 @@ impl ShardProcessor for TaskProcessor {
                         millis_behind_latest.and_then(|m| u64::try_from(m).ok()),
                     );
                     std::mem::swap(&mut batch, &mut full);
-                    if let Err(e) = worker.run(full, &mut sink) {
+                    if let Err(e) = timed(&mut worker, full, &mut sink) {
                         failure = Some(e.to_string());
                         break;
                     }
@@ -210,7 +274,7 @@ impl ShardProcessor for TaskProcessor {
             }
             if failure.is_none()
                 && !batch.is_empty()
-                && let Err(e) = worker.run(batch, &mut sink)
+                && let Err(e) = timed(&mut worker, batch, &mut sink)
             {
                 failure = Some(e.to_string());
             }
@@ -239,6 +303,9 @@ impl ShardProcessor for TaskProcessor {
                 .await
                 .map_err(|e| ProcessorError { done: 0, message: e.to_string() })?;
         }
+        let done = all.get(..collected.done).unwrap_or(&all);
+        self.metrics.records.increment(done.len() as u64);
+        self.metrics.bytes.increment(done.iter().map(|r| r.data.len() as u64).sum());
         match failure {
             Some(message) => Err(ProcessorError { done: collected.done, message }),
             None => Ok(collected.done),
@@ -260,8 +327,12 @@ impl ShardProcessor for TaskProcessor {
 
 /// Runs the job until `shutdown` resolves.
 ///
+/// With `metrics.address`, it installs the Prometheus recorder and serves `/metrics`,
+/// `/healthz` and `/readyz` there (see [`crate::metrics`]) until the workers have stopped.
+///
 /// # Errors
-/// When a stream's worker cannot start (lease table, Kinesis).
+/// When a stream's worker cannot start (lease table, Kinesis), or the metrics address cannot be
+/// listened on.
 pub async fn run(
     run: RunConfig,
     job: JobConfig,
@@ -275,25 +346,42 @@ pub async fn run(
         uuid::Uuid::new_v4()
     );
     tracing::info!(worker_id, job = %run.job_name, "Starting.");
+    let health = Arc::new(Health::new(run.inputs.len(), shutdown.clone()));
+    let server = match &job.metrics_address {
+        Some(address) => Some(serve_metrics(address, &run.job_name, health.clone()).await?),
+        None => None,
+    };
     let mut outputs = BTreeMap::new();
     for (name, output) in &run.outputs {
-        let clients = AwsClients::new(&aws_settings(&output.aws)).await;
+        let clients = AwsClients::new(&aws_settings(&output.aws)?).await;
         outputs.insert(name.clone(), Producer::new(clients.kinesis, output.stream.clone()));
     }
     let factory = Arc::new(TaskProcessors::new(component, Arc::new(job), Arc::new(outputs), clock));
     let mut workers = tokio::task::JoinSet::new();
     for input in &run.inputs {
-        let clients = AwsClients::new(&aws_settings(&input.aws)).await;
+        let clients = AwsClients::new(&aws_settings(&input.aws)?).await;
         let table = LeaseTable::new(clients.dynamodb.clone(), input.kcl.table_name.clone());
         let config = worker_config(&run, input, &worker_id);
         let factory = factory.clone();
         let mut stop = shutdown.clone();
         let stream = input.stream.clone();
+        let health = health.clone();
         workers.spawn(async move {
-            let result = worker::run(clients.kinesis, table, config, factory, async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
+            let started = health.clone();
+            let result = worker::run_with(
+                clients.kinesis,
+                table,
+                config,
+                factory,
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+                move || started.worker_started(),
+            )
             .await;
+            if result.is_err() {
+                health.worker_failed();
+            }
             (stream, result)
         });
     }
@@ -306,9 +394,28 @@ pub async fn run(
                 failed.get_or_insert(anyhow::anyhow!("stream {stream}: {e}"));
             }
             Err(e) => {
+                health.worker_failed();
                 failed.get_or_insert(anyhow::anyhow!("a stream worker panicked: {e}"));
             }
         }
     }
+    if let Some(server) = server {
+        server.abort();
+    }
     failed.map_or(Ok(()), Err)
+}
+
+/// Installs the metrics recorder and serves the endpoint on `address` (`metrics.address`).
+async fn serve_metrics(
+    address: &str,
+    job: &str,
+    health: Arc<Health>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let handle = crate::metrics::install(job)?;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on metrics.address={address}: {e}"))?;
+    let local = listener.local_addr().map_or_else(|_| address.to_owned(), |a| a.to_string());
+    tracing::info!(address = %local, "Serving /metrics, /healthz and /readyz.");
+    Ok(tokio::spawn(crate::metrics::serve(listener, handle, health)))
 }

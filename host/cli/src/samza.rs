@@ -778,6 +778,10 @@ impl<'a> Parser<'a> {
             let [host_key] = key("ProxyHost");
             return Err(self.invalid(port_key, format!("a proxy port needs {host_key}")));
         }
+        if proxy_host.is_some() && proxy_port.is_none() {
+            let ([host_key], [port_key]) = (key("ProxyHost"), key("ProxyPort"));
+            return Err(self.invalid(&host_key, format!("a proxy host needs {port_key}")));
+        }
         Ok(ClientSettings {
             proxy_host,
             proxy_port: proxy_port.and_then(|(_, p)| u16::try_from(p).ok()),

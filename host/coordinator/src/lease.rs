@@ -162,10 +162,7 @@ fn n(v: u64) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
 
-fn sdk_message<E: std::error::Error>(e: &E) -> String {
-    // DisplayErrorContext prints the whole chain, with the service's own message.
-    aws_smithy_types::error::display::DisplayErrorContext(e).to_string()
-}
+use crate::sdk_error::message as sdk_message;
 
 impl LeaseTable {
     /// The table `table`, reached with `client`.

@@ -10,4 +10,5 @@ pub mod kpl;
 pub mod lease;
 pub mod output;
 pub mod reader;
+pub mod sdk_error;
 pub mod worker;

@@ -140,8 +140,7 @@ impl Producer {
                     pending = still;
                 }
                 Err(e) => {
-                    last_error =
-                        aws_smithy_types::error::display::DisplayErrorContext(&e).to_string();
+                    last_error = crate::sdk_error::message(&e);
                     tracing::warn!(stream = %self.stream, attempt, error = %last_error, "PutRecords failed; retrying.");
                 }
             }

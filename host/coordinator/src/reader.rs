@@ -49,9 +49,7 @@ pub enum ReadError {
     },
 }
 
-fn sdk_message<E: std::error::Error>(e: &E) -> String {
-    aws_smithy_types::error::display::DisplayErrorContext(e).to_string()
-}
+use crate::sdk_error::message as sdk_message;
 
 /// Every shard of `stream`, open and closed, following `ListShards` pages.
 ///
@@ -188,7 +186,15 @@ impl ShardReader {
         Ok(out.shard_iterator().map(str::to_owned))
     }
 
-    fn error<E: std::error::Error>(&self, operation: &'static str, e: &E) -> ReadError {
+    fn error<E, R>(
+        &self,
+        operation: &'static str,
+        e: &aws_sdk_kinesis::error::SdkError<E, R>,
+    ) -> ReadError
+    where
+        E: aws_sdk_kinesis::error::ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
         ReadError::Aws {
             operation,
             stream: self.stream.clone(),

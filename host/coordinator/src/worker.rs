@@ -137,6 +137,41 @@ pub async fn run<F: ProcessorFactory>(
     factory: Arc<F>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
+    run_with(kinesis, table, config, factory, shutdown, || {}).await
+}
+
+/// [`run`], calling `started` once the worker has started: the lease table exists (created or
+/// verified), the first shard sync created the missing leases, and the first lease scan
+/// succeeded (whether or not it took leases). A readiness probe waits for this. `started` is
+/// never called when the worker fails before that, or is stopped first.
+///
+/// The worker records metrics through the [`metrics`] facade (a no-op unless the process
+/// installed a recorder), each labelled with the `stream`:
+///
+/// - `kinesis_host_leases_held` (gauge): leases this host holds, updated at every lease scan;
+/// - `kinesis_host_leases_taken_total`: leases taken, stolen ones included;
+/// - `kinesis_host_leases_stolen_total`: leases taken from a live owner to balance the load;
+/// - `kinesis_host_leases_lost_total`: held leases another host took (or that expired here);
+/// - `kinesis_host_leases_released_total`: leases released (at a stop, or when a shard failed);
+/// - `kinesis_host_lease_renewal_failures_total`: renewals that failed for a reason other than
+///   a lost lease (the renewal is retried at the next tick);
+/// - `kinesis_host_checkpoints_total` (also labelled `shard`): checkpoints written;
+/// - `kinesis_host_shards_stopped_total`: shards stopped on this host by a failure (task, read
+///   or lease error), to be retried later.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with<F: ProcessorFactory>(
+    kinesis: KinesisClient,
+    table: LeaseTable,
+    config: WorkerConfig,
+    factory: Arc<F>,
+    shutdown: impl Future<Output = ()>,
+    started: impl FnOnce(),
+) -> Result<(), WorkerError> {
+    let mut started = Some(started);
+    let leases_held =
+        metrics::gauge!("kinesis_host_leases_held", "stream" => config.stream.clone());
     table.ensure_exists(config.billing, Duration::from_secs(600)).await?;
     sync_shards(&kinesis, &table, &config).await?;
     let config = Arc::new(config);
@@ -152,13 +187,21 @@ pub async fn run<F: ProcessorFactory>(
     tokio::pin!(shutdown);
     loop {
         renew_all(&table, &held, &config).await;
-        if let Err(error) = take_leases(
+        match take_leases(
             &kinesis, &table, &config, &factory, &held, &wake, &cooldown, &mut tasks, &mut seen,
         )
         .await
         {
-            tracing::warn!(%error, "Lease scan failed; retrying at the next tick.");
+            Ok(()) => {
+                if let Some(started) = started.take() {
+                    started();
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Lease scan failed; retrying at the next tick.");
+            }
         }
+        leases_held.set(held_count(&held) as f64);
         if last_sync.elapsed() >= config.shard_sync_interval {
             last_sync = Instant::now();
             if let Err(error) = sync_shards(&kinesis, &table, &config).await {
@@ -193,11 +236,30 @@ pub async fn run<F: ProcessorFactory>(
         .collect();
     for h in remaining {
         let lease = h.lease.lock().await;
-        if let Err(error) = table.release(&lease).await {
-            tracing::warn!(lease = %lease.key, %error, "Could not release lease; it will expire.");
+        match table.release(&lease).await {
+            Ok(()) => {
+                count("kinesis_host_leases_released_total", &config.stream);
+            }
+            Err(error) => {
+                if matches!(error, LeaseError::Lost { .. }) {
+                    count("kinesis_host_leases_lost_total", &config.stream);
+                }
+                tracing::warn!(lease = %lease.key, %error, "Could not release lease; it will expire.");
+            }
         }
     }
+    leases_held.set(0.0);
     Ok(())
+}
+
+/// Adds one to the counter `name` of `stream`.
+fn count(name: &'static str, stream: &str) {
+    metrics::counter!(name, "stream" => stream.to_owned()).increment(1);
+}
+
+/// How many leases this host holds, for the `kinesis_host_leases_held` gauge.
+fn held_count(held: &std::sync::Mutex<HashMap<String, Arc<Held>>>) -> usize {
+    held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
 }
 
 /// Creates leases for shards that have none, KCL-style: the initial position for shards whose
@@ -266,9 +328,11 @@ async fn renew_all(
                 }
             }
             Err(Some(LeaseError::Aws { message, .. })) => {
+                count("kinesis_host_lease_renewal_failures_total", &config.stream);
                 tracing::warn!(lease = %key, error = %message, "Lease renewal failed; retrying.");
             }
             Err(error) => {
+                count("kinesis_host_leases_lost_total", &config.stream);
                 tracing::info!(lease = %key, expired, error = ?error.map(|e| e.to_string()), "Lost lease.");
                 let _ = h.stop.send(true);
                 held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
@@ -350,6 +414,7 @@ async fn take_leases<F: ProcessorFactory>(
         .filter(|l| ready(l) && !resting.contains(&l.key))
         .take(needed)
         .collect();
+    let mut stealing = false;
     if to_take.is_empty() {
         // Steal from the most loaded worker, bounded per round.
         let victim = counts
@@ -368,11 +433,16 @@ async fn take_leases<F: ProcessorFactory>(
                 })
                 .take(n)
                 .collect();
+            stealing = true;
         }
     }
     for lease in to_take {
         match table.take(lease, &config.worker_id).await {
             Ok(taken) => {
+                count("kinesis_host_leases_taken_total", &config.stream);
+                if stealing {
+                    count("kinesis_host_leases_stolen_total", &config.stream);
+                }
                 let (stop, stopped) = watch::channel(false);
                 let h = Arc::new(Held {
                     lease: Mutex::new(taken),
@@ -456,6 +526,7 @@ async fn shard_task<P: ShardProcessor>(
                 .saturating_mul(1 << failures.min(8))
                 .min(Duration::from_secs(300));
             rest.insert(key.clone(), (Instant::now() + pause, failures));
+            count("kinesis_host_shards_stopped_total", &config.stream);
             tracing::error!(shard = %key, %error, retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX), "Shard stopped on this host; its lease is released, and this host retries it later.");
             Ended::Stopped
         }
@@ -476,8 +547,13 @@ async fn shard_task<P: ShardProcessor>(
             if !*stop.borrow() {
                 registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
                 let lease = held.lease.lock().await;
-                if let Err(error) = table.release(&lease).await {
-                    tracing::warn!(shard = %key, %error, "Could not release lease; it will expire.");
+                match table.release(&lease).await {
+                    Ok(()) => {
+                        count("kinesis_host_leases_released_total", &config.stream);
+                    }
+                    Err(error) => {
+                        tracing::warn!(shard = %key, %error, "Could not release lease; it will expire.");
+                    }
                 }
             }
         }
@@ -485,13 +561,26 @@ async fn shard_task<P: ShardProcessor>(
 }
 
 /// Checkpoints under the lease lock; a lost lease means this host must stop the shard.
-async fn checkpoint(table: &LeaseTable, held: &Held, at: Checkpoint) -> Result<bool, LeaseError> {
+/// `stream` only labels the `kinesis_host_checkpoints_total` metric.
+async fn checkpoint(
+    table: &LeaseTable,
+    held: &Held,
+    at: Checkpoint,
+    stream: &str,
+) -> Result<bool, LeaseError> {
     let mut lease = held.lease.lock().await;
     if lease.checkpoint >= at && at != Checkpoint::ShardEnd {
         return Ok(true);
     }
     match table.checkpoint(&lease, at).await {
         Ok(updated) => {
+            let shard = updated.key.clone();
+            metrics::counter!(
+                "kinesis_host_checkpoints_total",
+                "stream" => stream.to_owned(),
+                "shard" => shard,
+            )
+            .increment(1);
             tracing::debug!(shard = %updated.key, checkpoint = %updated.checkpoint, "Checkpointed.");
             *lease = updated;
             if let Ok(mut r) = held.renewed.lock() {
@@ -558,7 +647,7 @@ async fn consume<P: ShardProcessor>(
     let mut dirty = false;
     loop {
         if *stop.borrow() {
-            if dirty && !checkpoint(table, held, done.clone()).await? {
+            if dirty && !checkpoint(table, held, done.clone(), &config.stream).await? {
                 return Ok(Ended::Lost);
             }
             return Ok(Ended::Stopped);
@@ -620,14 +709,14 @@ async fn consume<P: ShardProcessor>(
             }
             if let Some(failure) = failure {
                 // Keep what was done, then stop the shard on this host.
-                if dirty && !checkpoint(table, held, done.clone()).await? {
+                if dirty && !checkpoint(table, held, done.clone(), &config.stream).await? {
                     return Ok(Ended::Lost);
                 }
                 return Err(failure.into());
             }
         }
         if let Some(children) = fetch.shard_end {
-            if dirty && !checkpoint(table, held, done.clone()).await? {
+            if dirty && !checkpoint(table, held, done.clone(), &config.stream).await? {
                 return Ok(Ended::Lost);
             }
             for child in &children {
@@ -651,14 +740,14 @@ async fn consume<P: ShardProcessor>(
                     }
                 }
             }
-            if !checkpoint(table, held, Checkpoint::ShardEnd).await? {
+            if !checkpoint(table, held, Checkpoint::ShardEnd, &config.stream).await? {
                 return Ok(Ended::Lost);
             }
             tracing::info!(shard = %key, "Shard finished (SHARD_END).");
             return Ok(Ended::ShardEnd);
         }
         if dirty && last_commit.elapsed() >= config.commit_interval {
-            if !checkpoint(table, held, done.clone()).await? {
+            if !checkpoint(table, held, done.clone(), &config.stream).await? {
                 return Ok(Ended::Lost);
             }
             dirty = false;

@@ -1,0 +1,311 @@
+//! `kinesis-host status` against kinesis-local and dynalite (started by the tests themselves):
+//! exact checkpoints, owners and lag after a real run, the text form, and a job that never ran.
+
+mod common;
+#[path = "common/emulators.rs"]
+mod emulators;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::ShardIteratorType;
+use common::{guest, kinesis_host};
+use kinesis_host_coordinator::aws::{AwsClients, AwsSettings, StaticKeys};
+use serde_json::Value;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime")
+}
+
+fn clients() -> AwsClients {
+    let e = emulators::emulators();
+    let settings = AwsSettings {
+        region: Some("us-east-1".into()),
+        keys: Some(StaticKeys { access_key_id: "test".into(), secret_access_key: "test".into() }),
+        kinesis_endpoint: Some(e.kinesis_endpoint.clone()),
+        dynamodb_endpoint: Some(e.dynamodb_endpoint.clone()),
+        ..AwsSettings::default()
+    };
+    rt().block_on(AwsClients::new(&settings))
+}
+
+/// Creates a stream of `shards` shards and waits until it is active.
+fn create_stream(c: &AwsClients, name: &str, shards: i32) {
+    rt().block_on(async {
+        c.kinesis
+            .create_stream()
+            .stream_name(name)
+            .shard_count(shards)
+            .send()
+            .await
+            .expect("CreateStream");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let d = c
+                .kinesis
+                .describe_stream_summary()
+                .stream_name(name)
+                .send()
+                .await
+                .expect("DescribeStreamSummary");
+            if d.stream_description_summary().map(|s| s.stream_status().as_str()) == Some("ACTIVE")
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "stream {name} never became ACTIVE");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+/// Puts the records one by one; returns the last sequence number put into each shard.
+fn put(c: &AwsClients, stream: &str, records: &[(String, String)]) -> BTreeMap<String, String> {
+    rt().block_on(async {
+        let mut last = BTreeMap::new();
+        for (key, data) in records {
+            let out = c
+                .kinesis
+                .put_record()
+                .stream_name(stream)
+                .partition_key(key)
+                .data(Blob::new(data.as_bytes()))
+                .send()
+                .await
+                .expect("PutRecord");
+            last.insert(out.shard_id().to_owned(), out.sequence_number().to_owned());
+        }
+        last
+    })
+}
+
+/// How many records `stream` holds, over all its shards.
+fn count_records(c: &AwsClients, stream: &str) -> usize {
+    rt().block_on(async {
+        let mut n = 0;
+        let shards = c.kinesis.list_shards().stream_name(stream).send().await.expect("ListShards");
+        for shard in shards.shards() {
+            let mut iterator = c
+                .kinesis
+                .get_shard_iterator()
+                .stream_name(stream)
+                .shard_id(shard.shard_id())
+                .shard_iterator_type(ShardIteratorType::TrimHorizon)
+                .send()
+                .await
+                .expect("GetShardIterator")
+                .shard_iterator()
+                .map(str::to_owned);
+            while let Some(it) = iterator {
+                let r =
+                    c.kinesis.get_records().shard_iterator(it).send().await.expect("GetRecords");
+                if r.records().is_empty() {
+                    break;
+                }
+                n += r.records().len();
+                iterator = r.next_shard_iterator().map(str::to_owned);
+            }
+        }
+        n
+    })
+}
+
+fn job_properties(dir: &Path, job: &str, input: &str, output: &str) -> std::path::PathBuf {
+    let e = emulators::emulators();
+    let text = format!(
+        "job.name={job}\n\
+         task.inputs=kinesis.{input}\n\
+         task.output.out=kinesis.{output}\n\
+         task.commit.ms=1\n\
+         systems.kinesis.samza.factory=org.apache.samza.system.kinesis.KinesisSystemFactory\n\
+         systems.kinesis.aws.region=us-east-1\n\
+         systems.kinesis.aws.accessKey=test\n\
+         sensitive.systems.kinesis.aws.secretKey=do-not-print-me\n\
+         systems.kinesis.aws.kinesis.endpoint={}\n\
+         systems.kinesis.aws.dynamodb.endpoint={}\n\
+         systems.kinesis.aws.kcl.InitialPositionInStream=TRIM_HORIZON\n\
+         systems.kinesis.aws.kcl.IdleTimeBetweenReadsInMillis=100\n\
+         systems.kinesis.aws.kcl.FailoverTimeMillis=3000\n",
+        e.kinesis_endpoint, e.dynamodb_endpoint,
+    );
+    let path = dir.join(format!("{job}.properties"));
+    std::fs::write(&path, text).expect("write job.properties");
+    path
+}
+
+/// A running `kinesis-host run` of the echo task, killed if the test fails.
+struct Host(Child);
+
+impl Host {
+    fn start(config: &Path, log: &Path) -> Self {
+        let log = std::fs::File::create(log).expect("log file");
+        let child = Command::new(kinesis_host().get_program())
+            .envs(kinesis_host().get_envs().filter_map(|(k, v)| Some((k, v?))))
+            .arg("run")
+            .arg(guest("echo-task"))
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("kinesis-host starts");
+        Host(child)
+    }
+
+    /// SIGTERM, then waits (bounded) for a clean exit.
+    fn stop(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.0.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "kinesis-host did not stop within 30 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits (bounded) until `stream` holds `n` records.
+fn wait_for_records(c: &AwsClients, stream: &str, n: usize, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while count_records(c, stream) < n {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {n} records reached {stream}; host log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `kinesis-host status --config <config> [--json]`: exit code, stdout, stderr.
+fn status(config: &Path, json: bool) -> (Option<i32>, String, String) {
+    let mut cmd = kinesis_host();
+    cmd.arg("status").arg("--config").arg(config);
+    if json {
+        cmd.arg("--json");
+    }
+    let (output, stdout, stderr) = common::run(&mut cmd);
+    assert!(!stdout.contains("do-not-print-me") && !stderr.contains("do-not-print-me"));
+    (output.status.code(), stdout, stderr)
+}
+
+fn status_json(config: &Path) -> Value {
+    let (code, stdout, stderr) = status(config, true);
+    assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{stdout}"))
+}
+
+#[test]
+fn shows_checkpoints_owners_and_lag_after_a_run() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output, table) = ("status-in", "status-out", "status-1-status-in");
+    create_stream(&c, input, 2);
+    create_stream(&c, output, 1);
+    let records: Vec<(String, String)> =
+        (0..20).map(|i| (format!("key-{i}"), format!("record {i}"))).collect();
+    let last = put(&c, input, &records);
+    assert_eq!(last.len(), 2, "the records should reach both shards: {last:?}");
+    let config = job_properties(dir.path(), "status", input, output);
+    let log = dir.path().join("host.log");
+
+    let host = Host::start(&config, &log);
+    wait_for_records(&c, output, records.len(), &log);
+    // While the host runs, it holds both leases.
+    let running = status_json(&config);
+    let owners: Vec<&Value> =
+        running[0]["shards"].as_array().expect("shards").iter().map(|s| &s["owner"]).collect();
+    assert!(owners.iter().all(|o| o.is_string()), "{running:#}");
+    assert_eq!(owners[0], owners[1], "one host holds both: {running:#}");
+    assert_eq!(running[0]["totals"]["owners"][owners[0].as_str().expect("owner")], 2);
+    assert!(host.stop().success(), "log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+
+    let doc = status_json(&config);
+    let streams = doc.as_array().expect("a list of streams");
+    assert_eq!(streams.len(), 1, "{doc:#}");
+    let s = &streams[0];
+    assert_eq!(s["stream"], input);
+    assert_eq!(s["table"], table);
+    assert_eq!(s["error"], Value::Null);
+    let shards = s["shards"].as_array().expect("shards");
+    assert_eq!(shards.len(), 2, "{doc:#}");
+    for (shard, (id, sequence_number)) in shards.iter().zip(&last) {
+        assert_eq!(shard["shard_id"], id.as_str(), "{doc:#}");
+        assert_eq!(shard["state"], "open");
+        assert_eq!(shard["leased"], true);
+        assert_eq!(shard["owner"], Value::Null, "released on stop: {doc:#}");
+        assert_eq!(shard["checkpoint"], sequence_number.as_str(), "in full: {doc:#}");
+        assert_eq!(shard["checkpoint_sub_sequence_number"], 0);
+        assert!(shard["lease_counter"].as_u64().is_some_and(|n| n > 0), "{doc:#}");
+        assert_eq!(shard["parents"], serde_json::json!([]));
+        assert_eq!(shard["children"], serde_json::json!([]));
+        assert!(shard["millis_behind_latest"].is_i64(), "lag known: {doc:#}");
+    }
+    let totals = &s["totals"];
+    for (name, value) in [
+        ("shards", 2),
+        ("open", 2),
+        ("closed", 0),
+        ("leased", 2),
+        ("without_lease", 0),
+        ("trimmed_leases", 0),
+        ("leases", 2),
+        ("unowned_leases", 2),
+    ] {
+        assert_eq!(totals[name], value, "totals.{name}: {doc:#}");
+    }
+    assert_eq!(totals["owners"], serde_json::json!({}));
+
+    let (code, text, stderr) = status(&config, false);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(text.contains(table), "{text}");
+    for (id, sequence_number) in &last {
+        let line = text.lines().find(|l| l.contains(id.as_str())).unwrap_or_else(|| {
+            panic!("no line for {id}:\n{text}");
+        });
+        let abbreviated =
+            format!("{}…{}", &sequence_number[..6], &sequence_number[sequence_number.len() - 6..]);
+        assert!(line.contains(&abbreviated), "{line}");
+        assert!(line.contains(" open "), "{line}");
+    }
+}
+
+#[test]
+fn a_job_that_never_ran_is_one_clear_error() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    create_stream(&c, "status-never-in", 1);
+    let config = job_properties(dir.path(), "never", "status-never-in", "status-never-out");
+    for json in [false, true] {
+        let (code, stdout, stderr) = status(&config, json);
+        assert_eq!(code, Some(1), "stdout:\n{stdout}\nstderr:\n{stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(
+            errors,
+            [
+                "error: lease table never-1-status-never-in of stream status-never-in does not exist: \
+              the job has not run yet, or aws.kcl.TableName (default <job.name>-<job.id>-<stream>), \
+              the region or the DynamoDB endpoint is wrong"
+            ],
+            "stderr:\n{stderr}"
+        );
+        if json {
+            let doc: Value = serde_json::from_str(&stdout).expect("JSON");
+            assert_eq!(doc[0]["table"], "never-1-status-never-in");
+            assert!(doc[0]["error"].as_str().is_some_and(|e| e.contains("has not run yet")));
+        } else {
+            assert_eq!(stdout, "");
+        }
+    }
+}
