@@ -9,6 +9,8 @@
 //! checkpoint follows every read), checkpoints never going backwards (a stale host's write would
 //! move one back) and the paused host's writes refused, and every shard owned and finished.
 
+#[path = "common/aws.rs"]
+mod aws;
 mod common;
 #[path = "common/emulators.rs"]
 mod emulators;
@@ -20,11 +22,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use aws::{clients, create_stream, read_all, rt, wait_active};
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::ShardIteratorType;
 use common::{guest, kinesis_host};
-use kinesis_host_coordinator::aws::{AwsClients, AwsSettings, StaticKeys};
+use kinesis_host_coordinator::aws::AwsClients;
 
 /// The whole scenario, from the first host's start to the last host's exit.
 const SCENARIO_CAP: Duration = Duration::from_secs(120);
@@ -35,58 +37,6 @@ const FAILOVER: Duration = Duration::from_millis(3000);
 const KEYS: usize = 16;
 const PER_KEY: usize = 25;
 const PUT_EVERY: Duration = Duration::from_millis(100);
-
-fn clients() -> AwsClients {
-    let e = emulators::emulators();
-    let settings = AwsSettings {
-        region: Some("us-east-1".into()),
-        keys: Some(StaticKeys { access_key_id: "test".into(), secret_access_key: "test".into() }),
-        kinesis_endpoint: Some(e.kinesis_endpoint.clone()),
-        dynamodb_endpoint: Some(e.dynamodb_endpoint.clone()),
-        ..AwsSettings::default()
-    };
-    rt().block_on(AwsClients::new(&settings))
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime")
-}
-
-/// Waits (bounded) until `stream` is ACTIVE.
-fn wait_active(c: &AwsClients, stream: &str) {
-    rt().block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let d = c
-                .kinesis
-                .describe_stream_summary()
-                .stream_name(stream)
-                .send()
-                .await
-                .expect("Describe");
-            if d.stream_description_summary().map(|s| s.stream_status().as_str()) == Some("ACTIVE")
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{stream} did not become ACTIVE");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
-}
-
-/// Creates a stream of `shards` shards and waits until it is active.
-fn create_stream(c: &AwsClients, name: &str, shards: i32) {
-    rt().block_on(async {
-        c.kinesis
-            .create_stream()
-            .stream_name(name)
-            .shard_count(shards)
-            .send()
-            .await
-            .expect("CreateStream");
-    });
-    wait_active(c, name);
-}
 
 /// One shard as ListShards describes it.
 #[derive(Debug, Clone)]
@@ -125,47 +75,6 @@ fn shards(c: &AwsClients, stream: &str) -> Vec<ShardInfo> {
             .collect();
         shards.sort_by_key(|s| (s.start, s.id.clone()));
         shards
-    })
-}
-
-/// Every record of every shard of `stream`, as (partition key, data), shard by shard.
-fn read_all(c: &AwsClients, stream: &str) -> Vec<(String, String)> {
-    rt().block_on(async {
-        let mut out = Vec::new();
-        let shards = c.kinesis.list_shards().stream_name(stream).send().await.expect("ListShards");
-        for shard in shards.shards() {
-            let mut it = c
-                .kinesis
-                .get_shard_iterator()
-                .stream_name(stream)
-                .shard_id(shard.shard_id())
-                .shard_iterator_type(ShardIteratorType::TrimHorizon)
-                .send()
-                .await
-                .expect("GetShardIterator")
-                .shard_iterator()
-                .map(str::to_owned);
-            while let Some(iterator) = it {
-                let r = c
-                    .kinesis
-                    .get_records()
-                    .shard_iterator(iterator)
-                    .send()
-                    .await
-                    .expect("GetRecords");
-                for rec in r.records() {
-                    out.push((
-                        rec.partition_key().unwrap_or_default().to_owned(),
-                        String::from_utf8_lossy(rec.data().as_ref()).into_owned(),
-                    ));
-                }
-                if r.records().is_empty() {
-                    break;
-                }
-                it = r.next_shard_iterator().map(str::to_owned);
-            }
-        }
-        out
     })
 }
 

@@ -2,248 +2,19 @@
 //! themselves): exact delivery per shard, checkpoints in a KCL-shaped lease table, emits in the
 //! output stream, graceful stop, and resuming after the checkpoint.
 
+#[path = "common/aws.rs"]
+mod aws;
 mod common;
 #[path = "common/emulators.rs"]
 mod emulators;
 
-use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use aws::*;
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::ShardIteratorType;
 use common::{guest, kinesis_host};
-use kinesis_host_coordinator::aws::{AwsClients, AwsSettings, StaticKeys};
-
-fn clients() -> AwsClients {
-    let e = emulators::emulators();
-    let settings = AwsSettings {
-        region: Some("us-east-1".into()),
-        keys: Some(StaticKeys { access_key_id: "test".into(), secret_access_key: "test".into() }),
-        kinesis_endpoint: Some(e.kinesis_endpoint.clone()),
-        dynamodb_endpoint: Some(e.dynamodb_endpoint.clone()),
-        ..AwsSettings::default()
-    };
-    rt().block_on(AwsClients::new(&settings))
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime")
-}
-
-/// Creates a stream of `shards` shards and waits until it is active.
-fn create_stream(c: &AwsClients, name: &str, shards: i32) {
-    rt().block_on(async {
-        c.kinesis
-            .create_stream()
-            .stream_name(name)
-            .shard_count(shards)
-            .send()
-            .await
-            .expect("CreateStream");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let d = c
-                .kinesis
-                .describe_stream_summary()
-                .stream_name(name)
-                .send()
-                .await
-                .expect("Describe");
-            let status =
-                d.stream_description_summary().map(|s| s.stream_status().as_str().to_owned());
-            if status.as_deref() == Some("ACTIVE") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "stream {name} never became ACTIVE");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
-}
-
-/// Puts `(partition key, data)` records one by one (so per-key order is the put order).
-fn put(c: &AwsClients, stream: &str, records: &[(String, String)]) {
-    rt().block_on(async {
-        for (key, data) in records {
-            c.kinesis
-                .put_record()
-                .stream_name(stream)
-                .partition_key(key)
-                .data(Blob::new(data.as_bytes()))
-                .send()
-                .await
-                .expect("PutRecord");
-        }
-    });
-}
-
-/// Every record of every shard of `stream`, as (partition key, data), shard by shard.
-fn read_all(c: &AwsClients, stream: &str) -> Vec<(String, String)> {
-    rt().block_on(async {
-        let mut out = Vec::new();
-        let shards = c.kinesis.list_shards().stream_name(stream).send().await.expect("ListShards");
-        for shard in shards.shards() {
-            let mut it = c
-                .kinesis
-                .get_shard_iterator()
-                .stream_name(stream)
-                .shard_id(shard.shard_id())
-                .shard_iterator_type(ShardIteratorType::TrimHorizon)
-                .send()
-                .await
-                .expect("GetShardIterator")
-                .shard_iterator()
-                .map(str::to_owned);
-            while let Some(iterator) = it {
-                let r = c
-                    .kinesis
-                    .get_records()
-                    .shard_iterator(iterator)
-                    .send()
-                    .await
-                    .expect("GetRecords");
-                for rec in r.records() {
-                    out.push((
-                        rec.partition_key().unwrap_or_default().to_owned(),
-                        String::from_utf8_lossy(rec.data().as_ref()).into_owned(),
-                    ));
-                }
-                if r.records().is_empty() {
-                    break;
-                }
-                it = r.next_shard_iterator().map(str::to_owned);
-            }
-        }
-        out
-    })
-}
-
-fn lease_items(
-    c: &AwsClients,
-    table: &str,
-) -> Vec<std::collections::HashMap<String, AttributeValue>> {
-    rt().block_on(async {
-        let out =
-            c.dynamodb.scan().table_name(table).consistent_read(true).send().await.expect("Scan");
-        let mut items = out.items().to_vec();
-        items.sort_by_key(|i| i.get("leaseKey").and_then(|v| v.as_s().ok()).cloned());
-        items
-    })
-}
-
-fn job_properties(
-    dir: &std::path::Path,
-    job: &str,
-    input: &str,
-    output: &str,
-    extra: &str,
-) -> std::path::PathBuf {
-    let e = emulators::emulators();
-    let text = format!(
-        "job.name={job}\n\
-         job.id=1\n\
-         task.inputs=kinesis.{input}\n\
-         task.output.out=kinesis.{output}\n\
-         task.commit.ms=1\n\
-         systems.kinesis.samza.factory=org.apache.samza.system.kinesis.KinesisSystemFactory\n\
-         systems.kinesis.aws.region=us-east-1\n\
-         systems.kinesis.streams.{input}.aws.accessKey=test\n\
-         sensitive.systems.kinesis.streams.{input}.aws.secretKey=test\n\
-         systems.kinesis.streams.{output}.aws.accessKey=test\n\
-         sensitive.systems.kinesis.streams.{output}.aws.secretKey=test\n\
-         systems.kinesis.aws.kinesis.endpoint={}\n\
-         systems.kinesis.aws.dynamodb.endpoint={}\n\
-         systems.kinesis.aws.kcl.InitialPositionInStream=TRIM_HORIZON\n\
-         systems.kinesis.aws.kcl.IdleTimeBetweenReadsInMillis=100\n\
-         {extra}",
-        e.kinesis_endpoint, e.dynamodb_endpoint,
-    );
-    let path = dir.join("job.properties");
-    std::fs::write(&path, text).expect("write job.properties");
-    path
-}
-
-/// A running `kinesis-host run`, stopped (SIGKILL) if the test fails.
-struct Host(Child);
-
-impl Host {
-    fn start(config: &std::path::Path, log: &std::path::Path) -> Self {
-        let log = std::fs::File::create(log).expect("log file");
-        let child = Command::new(kinesis_host().get_program())
-            .envs(kinesis_host().get_envs().filter_map(|(k, v)| Some((k, v?))))
-            .args(["run", "--log", "info,kinesis_host_coordinator=debug"])
-            .arg(guest("echo-task"))
-            .arg("--config")
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("kinesis-host starts");
-        Host(child)
-    }
-
-    /// SIGTERM, then waits (bounded) for a clean exit.
-    fn stop(mut self) -> std::process::ExitStatus {
-        let pid = self.0.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.0.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "kinesis-host did not stop within 30 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Waits (bounded) until `stream` holds `n` records.
-fn wait_for_records(
-    c: &AwsClients,
-    stream: &str,
-    n: usize,
-    log: &std::path::Path,
-) -> Vec<(String, String)> {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let got = read_all(c, stream);
-        if got.len() >= n {
-            return got;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {n} records reached {stream}; host log:\n{}",
-            got.len(),
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn numbered(keys: usize, per_key: usize, from: usize) -> Vec<(String, String)> {
-    (from..from + per_key)
-        .flat_map(|i| {
-            (0..keys).map(move |k| (format!("key-{k}"), format!("key-{k} record {i:03}")))
-        })
-        .collect()
-}
-
-/// Per partition key, the data in the order seen.
-fn by_key(records: &[(String, String)]) -> BTreeMap<String, Vec<String>> {
-    let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (k, d) in records {
-        map.entry(k.clone()).or_default().push(d.clone());
-    }
-    map
-}
 
 #[test]
 fn delivers_every_record_in_order_checkpoints_and_releases_on_stop() {
@@ -320,19 +91,6 @@ fn delivers_every_record_in_order_checkpoints_and_releases_on_stop() {
     assert_eq!(by_key(&got), by_key(&expected), "each record exactly once across the restart");
 }
 
-/// Waits (bounded) until the host log contains `pattern` at least `n` times.
-fn wait_for_log(log: &std::path::Path, pattern: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.matches(pattern).count() >= n {
-            return;
-        }
-        assert!(Instant::now() < deadline, "`{pattern}` not seen {n} times; host log:\n{text}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn latest_skips_old_records_and_at_timestamp_starts_at_the_time() {
     let c = clients();
@@ -387,58 +145,6 @@ fn latest_skips_old_records_and_at_timestamp_starts_at_the_time() {
     let got = wait_for_records(&c, output2, expected.len(), &log);
     assert!(host.stop().success());
     assert_eq!(by_key(&got), by_key(&expected));
-}
-
-/// Splits the stream's first shard at the middle of the hash range; returns the parent's id.
-fn split(c: &AwsClients, stream: &str) -> String {
-    rt().block_on(async {
-        let shards = c.kinesis.list_shards().stream_name(stream).send().await.expect("ListShards");
-        let parent = shards.shards()[0].shard_id().to_owned();
-        c.kinesis
-            .split_shard()
-            .stream_name(stream)
-            .shard_to_split(&parent)
-            .new_starting_hash_key((1u128 << 127).to_string())
-            .send()
-            .await
-            .expect("SplitShard");
-        parent
-    })
-}
-
-fn wait_active(c: &AwsClients, stream: &str) {
-    rt().block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let d = c
-                .kinesis
-                .describe_stream_summary()
-                .stream_name(stream)
-                .send()
-                .await
-                .expect("Describe");
-            if d.stream_description_summary().map(|s| s.stream_status().as_str()) == Some("ACTIVE")
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{stream} did not become ACTIVE");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
-}
-
-fn open_shards(c: &AwsClients, stream: &str) -> Vec<String> {
-    rt().block_on(async {
-        let shards = c.kinesis.list_shards().stream_name(stream).send().await.expect("ListShards");
-        shards
-            .shards()
-            .iter()
-            .filter(|s| {
-                s.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_none()
-            })
-            .map(|s| s.shard_id().to_owned())
-            .collect()
-    })
 }
 
 #[test]
@@ -757,30 +463,19 @@ fn a_second_signal_exits_at_once_while_a_batch_is_in_flight() {
     let config =
         job_properties(dir.path(), "signal", input, output, "task.limits.batch.timeout.ms=60000\n");
     let log = dir.path().join("host.log");
-    let log_file = std::fs::File::create(&log).expect("log file");
-    let mut child = Command::new(kinesis_host().get_program())
-        .envs(kinesis_host().get_envs().filter_map(|(k, v)| Some((k, v?))))
-        .arg("run")
-        .arg(guest("spin-task"))
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .expect("kinesis-host starts");
+    let mut host = Host::start_with("spin-task", &config, &log, &[]);
     put(&c, input, &[("k".to_owned(), "spin".to_owned())]);
     wait_for_log(&log, "spinning", 1);
-    let pid = child.id().to_string();
+    let pid = host.pid();
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
     wait_for_log(&log, "Stopping: finishing the batches in flight", 1);
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
+        if let Some(status) = host.0.try_wait().expect("wait") {
             break status;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
             panic!(
                 "the second signal did not end the host; log:\n{}",
                 std::fs::read_to_string(&log).unwrap_or_default()
@@ -850,19 +545,26 @@ fn throttling_and_transient_faults_are_survived() {
     create_stream(&c, output, 1);
     let sent = numbered(4, 6, 0);
     put(&c, input, &sent);
-    let rule = |target_suffix, every, fault| Rule { target_suffix, every, fault, limit: Some(20) };
+    // Rules that fire on the first matching calls are certain to fire whatever the timing;
+    // GetRecords, called every 100 ms per shard, gets every third call throttled.
+    let rule = |target_suffix, every, fault, limit| Rule {
+        target_suffix,
+        every,
+        fault,
+        limit: Some(limit),
+    };
     let kinesis = FaultProxy::start(
         &e.kinesis_endpoint,
         vec![
-            rule("GetRecords", 3, Fault::Throttle),
-            rule("PutRecords", 2, Fault::ServerError),
-            rule("GetShardIterator", 2, Fault::Reset),
-            rule("ListShards", 2, Fault::Throttle),
+            rule("GetRecords", 3, Fault::Throttle, 20),
+            rule("PutRecords", 1, Fault::ServerError, 2),
+            rule("GetShardIterator", 1, Fault::Reset, 1),
+            rule("ListShards", 1, Fault::Throttle, 1),
         ],
     );
     let dynamodb = FaultProxy::start(
         &e.dynamodb_endpoint,
-        vec![rule("UpdateItem", 3, Fault::Throttle), rule("Scan", 4, Fault::ServerError)],
+        vec![rule("UpdateItem", 1, Fault::Throttle, 2), rule("Scan", 1, Fault::ServerError, 1)],
     );
     let config = job_properties(
         dir.path(),
@@ -917,44 +619,22 @@ fn standard_aws_environment_variables_pick_endpoints_and_region() {
     )
     .expect("write job.properties");
     let log = dir.path().join("host.log");
-    let log_file = std::fs::File::create(&log).expect("log file");
-    let child = Command::new(kinesis_host().get_program())
-        .envs(kinesis_host().get_envs().filter_map(|(k, v)| Some((k, v?))))
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_ENDPOINT_URL_KINESIS", &e.kinesis_endpoint)
-        .env("AWS_ENDPOINT_URL_DYNAMODB", &e.dynamodb_endpoint)
-        .env_remove("AWS_PROFILE")
-        .arg("run")
-        .arg(guest("echo-task"))
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .expect("kinesis-host starts");
-    let host = Host(child);
+    let host = Host::start_with(
+        "echo-task",
+        &config,
+        &log,
+        &[
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_ENDPOINT_URL_KINESIS", &e.kinesis_endpoint),
+            ("AWS_ENDPOINT_URL_DYNAMODB", &e.dynamodb_endpoint),
+        ],
+    );
     let got = wait_for_records(&c, output, sent.len(), &log);
     assert!(host.stop().success());
     assert_eq!(by_key(&got), by_key(&sent));
     assert_eq!(lease_items(&c, "env-1-run-env-in").len(), 1);
-}
-
-/// Each lease's checkpoint, by shard.
-fn checkpoints(c: &AwsClients, table: &str) -> BTreeMap<String, String> {
-    lease_items(c, table)
-        .iter()
-        .map(|i| {
-            let get = |k: &str| i.get(k).and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
-            (get("leaseKey"), get("checkpoint"))
-        })
-        .collect()
-}
-
-fn decimal_at_least(a: &str, b: &str) -> bool {
-    // Sequence numbers are decimal strings longer than u128: compare by length, then digits.
-    (a.len(), a) >= (b.len(), b)
 }
 
 #[test]
@@ -983,7 +663,7 @@ fn a_host_paused_past_its_lease_cannot_checkpoint_when_it_resumes() {
     let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
     let a = Host::start(&slow, &log_a);
     wait_for_records(&c, output, first.len(), &log_a);
-    let pid_a = a.0.id().to_string();
+    let pid_a = a.pid();
     let _ = Command::new("kill").args(["-STOP", &pid_a]).status();
 
     // B takes the expired leases, re-processes from the last checkpoint, and goes on.

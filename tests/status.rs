@@ -1,65 +1,20 @@
 //! `kinesis-host status` against kinesis-local and dynalite (started by the tests themselves):
 //! exact checkpoints, owners and lag after a real run, the text form, and a job that never ran.
 
+#[path = "common/aws.rs"]
+mod aws;
 mod common;
 #[path = "common/emulators.rs"]
 mod emulators;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
+use aws::{Host, clients, create_stream, rt, wait_for_records};
 use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::ShardIteratorType;
-use common::{guest, kinesis_host};
-use kinesis_host_coordinator::aws::{AwsClients, AwsSettings, StaticKeys};
+use common::kinesis_host;
+use kinesis_host_coordinator::aws::AwsClients;
 use serde_json::Value;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime")
-}
-
-fn clients() -> AwsClients {
-    let e = emulators::emulators();
-    let settings = AwsSettings {
-        region: Some("us-east-1".into()),
-        keys: Some(StaticKeys { access_key_id: "test".into(), secret_access_key: "test".into() }),
-        kinesis_endpoint: Some(e.kinesis_endpoint.clone()),
-        dynamodb_endpoint: Some(e.dynamodb_endpoint.clone()),
-        ..AwsSettings::default()
-    };
-    rt().block_on(AwsClients::new(&settings))
-}
-
-/// Creates a stream of `shards` shards and waits until it is active.
-fn create_stream(c: &AwsClients, name: &str, shards: i32) {
-    rt().block_on(async {
-        c.kinesis
-            .create_stream()
-            .stream_name(name)
-            .shard_count(shards)
-            .send()
-            .await
-            .expect("CreateStream");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let d = c
-                .kinesis
-                .describe_stream_summary()
-                .stream_name(name)
-                .send()
-                .await
-                .expect("DescribeStreamSummary");
-            if d.stream_description_summary().map(|s| s.stream_status().as_str()) == Some("ACTIVE")
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "stream {name} never became ACTIVE");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
-}
 
 /// Puts the records one by one; returns the last sequence number put into each shard.
 fn put(c: &AwsClients, stream: &str, records: &[(String, String)]) -> BTreeMap<String, String> {
@@ -78,37 +33,6 @@ fn put(c: &AwsClients, stream: &str, records: &[(String, String)]) -> BTreeMap<S
             last.insert(out.shard_id().to_owned(), out.sequence_number().to_owned());
         }
         last
-    })
-}
-
-/// How many records `stream` holds, over all its shards.
-fn count_records(c: &AwsClients, stream: &str) -> usize {
-    rt().block_on(async {
-        let mut n = 0;
-        let shards = c.kinesis.list_shards().stream_name(stream).send().await.expect("ListShards");
-        for shard in shards.shards() {
-            let mut iterator = c
-                .kinesis
-                .get_shard_iterator()
-                .stream_name(stream)
-                .shard_id(shard.shard_id())
-                .shard_iterator_type(ShardIteratorType::TrimHorizon)
-                .send()
-                .await
-                .expect("GetShardIterator")
-                .shard_iterator()
-                .map(str::to_owned);
-            while let Some(it) = iterator {
-                let r =
-                    c.kinesis.get_records().shard_iterator(it).send().await.expect("GetRecords");
-                if r.records().is_empty() {
-                    break;
-                }
-                n += r.records().len();
-                iterator = r.next_shard_iterator().map(str::to_owned);
-            }
-        }
-        n
     })
 }
 
@@ -133,59 +57,6 @@ fn job_properties(dir: &Path, job: &str, input: &str, output: &str) -> std::path
     let path = dir.join(format!("{job}.properties"));
     std::fs::write(&path, text).expect("write job.properties");
     path
-}
-
-/// A running `kinesis-host run` of the echo task, killed if the test fails.
-struct Host(Child);
-
-impl Host {
-    fn start(config: &Path, log: &Path) -> Self {
-        let log = std::fs::File::create(log).expect("log file");
-        let child = Command::new(kinesis_host().get_program())
-            .envs(kinesis_host().get_envs().filter_map(|(k, v)| Some((k, v?))))
-            .arg("run")
-            .arg(guest("echo-task"))
-            .arg("--config")
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("kinesis-host starts");
-        Host(child)
-    }
-
-    /// SIGTERM, then waits (bounded) for a clean exit.
-    fn stop(mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.0.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "kinesis-host did not stop within 30 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Waits (bounded) until `stream` holds `n` records.
-fn wait_for_records(c: &AwsClients, stream: &str, n: usize, log: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while count_records(c, stream) < n {
-        assert!(
-            Instant::now() < deadline,
-            "fewer than {n} records reached {stream}; host log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// `kinesis-host status --config <config> [--json]`: exit code, stdout, stderr.

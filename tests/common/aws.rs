@@ -1,0 +1,352 @@
+//! Helpers for the tests that drive `kinesis-host run` against the emulators: AWS clients,
+//! streams, records, lease tables, job.properties, and host processes.
+//!
+//! Include it after `mod common;` and the emulators module:
+//!
+//! ```ignore
+//! mod common;
+//! #[path = "common/emulators.rs"]
+//! mod emulators;
+//! #[path = "common/aws.rs"]
+//! mod aws;
+//! ```
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::ShardIteratorType;
+use kinesis_host_coordinator::aws::{AwsClients, AwsSettings, StaticKeys};
+
+use super::common::{guest, kinesis_host};
+use super::emulators;
+
+pub fn clients() -> AwsClients {
+    let e = emulators::emulators();
+    let settings = AwsSettings {
+        region: Some("us-east-1".into()),
+        keys: Some(StaticKeys { access_key_id: "test".into(), secret_access_key: "test".into() }),
+        kinesis_endpoint: Some(e.kinesis_endpoint.clone()),
+        dynamodb_endpoint: Some(e.dynamodb_endpoint.clone()),
+        ..AwsSettings::default()
+    };
+    rt().block_on(AwsClients::new(&settings))
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime")
+}
+
+/// Creates a stream of `shards` shards and waits until it is active.
+pub fn create_stream(c: &AwsClients, name: &str, shards: i32) {
+    rt().block_on(async {
+        c.kinesis
+            .create_stream()
+            .stream_name(name)
+            .shard_count(shards)
+            .send()
+            .await
+            .expect("CreateStream");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let d = c
+                .kinesis
+                .describe_stream_summary()
+                .stream_name(name)
+                .send()
+                .await
+                .expect("Describe");
+            let status =
+                d.stream_description_summary().map(|s| s.stream_status().as_str().to_owned());
+            if status.as_deref() == Some("ACTIVE") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "stream {name} never became ACTIVE");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+/// Puts `(partition key, data)` records one by one (so per-key order is the put order).
+pub fn put(c: &AwsClients, stream: &str, records: &[(String, String)]) {
+    rt().block_on(async {
+        for (key, data) in records {
+            c.kinesis
+                .put_record()
+                .stream_name(stream)
+                .partition_key(key)
+                .data(Blob::new(data.as_bytes()))
+                .send()
+                .await
+                .expect("PutRecord");
+        }
+    });
+}
+
+/// Every record of every shard of `stream`, as (partition key, data), shard by shard.
+pub fn read_all(c: &AwsClients, stream: &str) -> Vec<(String, String)> {
+    rt().block_on(async {
+        let mut out = Vec::new();
+        let shards = c.kinesis.list_shards().stream_name(stream).send().await.expect("ListShards");
+        for shard in shards.shards() {
+            let mut it = c
+                .kinesis
+                .get_shard_iterator()
+                .stream_name(stream)
+                .shard_id(shard.shard_id())
+                .shard_iterator_type(ShardIteratorType::TrimHorizon)
+                .send()
+                .await
+                .expect("GetShardIterator")
+                .shard_iterator()
+                .map(str::to_owned);
+            while let Some(iterator) = it {
+                let r = c
+                    .kinesis
+                    .get_records()
+                    .shard_iterator(iterator)
+                    .send()
+                    .await
+                    .expect("GetRecords");
+                for rec in r.records() {
+                    out.push((
+                        rec.partition_key().unwrap_or_default().to_owned(),
+                        String::from_utf8_lossy(rec.data().as_ref()).into_owned(),
+                    ));
+                }
+                if r.records().is_empty() {
+                    break;
+                }
+                it = r.next_shard_iterator().map(str::to_owned);
+            }
+        }
+        out
+    })
+}
+
+pub fn lease_items(
+    c: &AwsClients,
+    table: &str,
+) -> Vec<std::collections::HashMap<String, AttributeValue>> {
+    rt().block_on(async {
+        let out =
+            c.dynamodb.scan().table_name(table).consistent_read(true).send().await.expect("Scan");
+        let mut items = out.items().to_vec();
+        items.sort_by_key(|i| i.get("leaseKey").and_then(|v| v.as_s().ok()).cloned());
+        items
+    })
+}
+
+pub fn job_properties(
+    dir: &std::path::Path,
+    job: &str,
+    input: &str,
+    output: &str,
+    extra: &str,
+) -> std::path::PathBuf {
+    let e = emulators::emulators();
+    let text = format!(
+        "job.name={job}\n\
+         job.id=1\n\
+         task.inputs=kinesis.{input}\n\
+         task.output.out=kinesis.{output}\n\
+         task.commit.ms=1\n\
+         systems.kinesis.samza.factory=org.apache.samza.system.kinesis.KinesisSystemFactory\n\
+         systems.kinesis.aws.region=us-east-1\n\
+         systems.kinesis.streams.{input}.aws.accessKey=test\n\
+         sensitive.systems.kinesis.streams.{input}.aws.secretKey=test\n\
+         systems.kinesis.streams.{output}.aws.accessKey=test\n\
+         sensitive.systems.kinesis.streams.{output}.aws.secretKey=test\n\
+         systems.kinesis.aws.kinesis.endpoint={}\n\
+         systems.kinesis.aws.dynamodb.endpoint={}\n\
+         systems.kinesis.aws.kcl.InitialPositionInStream=TRIM_HORIZON\n\
+         systems.kinesis.aws.kcl.IdleTimeBetweenReadsInMillis=100\n\
+         {extra}",
+        e.kinesis_endpoint, e.dynamodb_endpoint,
+    );
+    let path = dir.join("job.properties");
+    std::fs::write(&path, text).expect("write job.properties");
+    path
+}
+
+/// A running `kinesis-host run`, stopped (SIGKILL) if the test fails.
+pub struct Host(pub Child);
+
+impl Host {
+    pub fn start(config: &std::path::Path, log: &std::path::Path) -> Self {
+        Self::start_with("echo-task", config, log, &[])
+    }
+
+    /// Runs guest `task` with `config`, its log in `log`, with extra environment variables.
+    pub fn start_with(
+        task: &str,
+        config: &std::path::Path,
+        log: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let log = std::fs::File::create(log).expect("log file");
+        let child = Command::new(kinesis_host().get_program())
+            .envs(kinesis_host().get_envs().filter_map(|(k, v)| Some((k, v?))))
+            .envs(env.iter().copied())
+            .args(["run", "--log", "info,kinesis_host_coordinator=debug"])
+            .arg(guest(task))
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("kinesis-host starts");
+        Host(child)
+    }
+
+    /// The process id, for signals.
+    pub fn pid(&self) -> String {
+        self.0.id().to_string()
+    }
+
+    /// SIGTERM, then waits (bounded) for a clean exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.0.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.0.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "kinesis-host did not stop within 30 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits (bounded) until `stream` holds `n` records.
+pub fn wait_for_records(
+    c: &AwsClients,
+    stream: &str,
+    n: usize,
+    log: &std::path::Path,
+) -> Vec<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let got = read_all(c, stream);
+        if got.len() >= n {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} records reached {stream}; host log:\n{}",
+            got.len(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn numbered(keys: usize, per_key: usize, from: usize) -> Vec<(String, String)> {
+    (from..from + per_key)
+        .flat_map(|i| {
+            (0..keys).map(move |k| (format!("key-{k}"), format!("key-{k} record {i:03}")))
+        })
+        .collect()
+}
+
+/// Per partition key, the data in the order seen.
+pub fn by_key(records: &[(String, String)]) -> BTreeMap<String, Vec<String>> {
+    let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (k, d) in records {
+        map.entry(k.clone()).or_default().push(d.clone());
+    }
+    map
+}
+
+/// Waits (bounded) until the host log contains `pattern` at least `n` times.
+pub fn wait_for_log(log: &std::path::Path, pattern: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.matches(pattern).count() >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "`{pattern}` not seen {n} times; host log:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Splits the stream's first shard at the middle of the hash range; returns the parent's id.
+pub fn split(c: &AwsClients, stream: &str) -> String {
+    rt().block_on(async {
+        let shards = c.kinesis.list_shards().stream_name(stream).send().await.expect("ListShards");
+        let parent = shards.shards()[0].shard_id().to_owned();
+        c.kinesis
+            .split_shard()
+            .stream_name(stream)
+            .shard_to_split(&parent)
+            .new_starting_hash_key((1u128 << 127).to_string())
+            .send()
+            .await
+            .expect("SplitShard");
+        parent
+    })
+}
+
+pub fn wait_active(c: &AwsClients, stream: &str) {
+    rt().block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let d = c
+                .kinesis
+                .describe_stream_summary()
+                .stream_name(stream)
+                .send()
+                .await
+                .expect("Describe");
+            if d.stream_description_summary().map(|s| s.stream_status().as_str()) == Some("ACTIVE")
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{stream} did not become ACTIVE");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+pub fn open_shards(c: &AwsClients, stream: &str) -> Vec<String> {
+    rt().block_on(async {
+        let shards = c.kinesis.list_shards().stream_name(stream).send().await.expect("ListShards");
+        shards
+            .shards()
+            .iter()
+            .filter(|s| {
+                s.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_none()
+            })
+            .map(|s| s.shard_id().to_owned())
+            .collect()
+    })
+}
+
+/// Each lease's checkpoint, by shard.
+pub fn checkpoints(c: &AwsClients, table: &str) -> BTreeMap<String, String> {
+    lease_items(c, table)
+        .iter()
+        .map(|i| {
+            let get = |k: &str| i.get(k).and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
+            (get("leaseKey"), get("checkpoint"))
+        })
+        .collect()
+}
+
+pub fn decimal_at_least(a: &str, b: &str) -> bool {
+    // Sequence numbers are decimal strings longer than u128: compare by length, then digits.
+    (a.len(), a) >= (b.len(), b)
+}
