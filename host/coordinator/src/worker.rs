@@ -421,9 +421,16 @@ async fn take_leases<F: ProcessorFactory>(
             .iter()
             .filter(|(w, _)| **w != config.worker_id)
             .max_by_key(|(_, c)| **c)
-            .filter(|(_, count)| **count > target);
-        if let Some((victim, count)) = victim {
-            let n = needed.min(count - target).max(1).min(config.max_leases_to_steal_at_one_time);
+            .filter(|(_, count)| **count >= target);
+        // KCL's rule: take the excess over the target from the most loaded worker; when it
+        // holds exactly the target but this host needs more than one, take one anyway, so a
+        // joining host is not left empty (4 leases, 3 hosts: 2, 2, 0 becomes 2, 1, 1).
+        let steal = |count: usize| {
+            let n = needed.min(count - target);
+            let n = if n == 0 && needed > 1 { 1 } else { n };
+            n.min(config.max_leases_to_steal_at_one_time)
+        };
+        if let Some((victim, n)) = victim.map(|(v, c)| (v, steal(*c))).filter(|(_, n)| *n > 0) {
             to_take = leases
                 .iter()
                 .filter(|l| {
