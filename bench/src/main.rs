@@ -1,7 +1,7 @@
 //! `kinesis-host-bench`: benchmarks of kinesis-host.
 //!
-//! The only command so far is `boundary`: in one run it prints the CPU cost per record of
-//! handing batches of records to a task, for several record sizes, three ways:
+//! `boundary`: in one run it prints the CPU cost per record of handing batches of records to a
+//! task, for several record sizes, three ways:
 //!
 //! - **native**: a Rust closure in the host doing the task's work over the decoded records;
 //! - **batch**: our path — pack a runtime [`Batch`](kinesis_host_runtime::Batch) and call
@@ -13,8 +13,14 @@
 //! It builds both guests itself (`cargo build --profile guest --target wasm32-wasip2`), checks
 //! that all three agree on every batch's checksum, and writes its table to
 //! `target/bench/boundary.txt`. See `bench/README.md`.
+//!
+//! `failover` times lease failover after SIGKILL, hand-over after SIGTERM and rebalance when a
+//! third host joins, with real `kinesis-host run` processes on local emulators it starts itself,
+//! beside KCL 2.x's figures at the same `FailoverTimeMillis`; it writes its table to
+//! `target/bench/failover.txt`.
 
 mod boundary;
+mod failover;
 mod guests;
 mod naive;
 mod records;
@@ -36,10 +42,14 @@ enum Command {
     /// ns/record through `process`: native closure vs our batch path vs a naive
     /// `list<envelope>` layout.
     Boundary(boundary::BoundaryArgs),
+    /// Lease failover, graceful hand-over and rebalance times of real `kinesis-host run`
+    /// processes on local emulators, beside KCL's figures at the same `FailoverTimeMillis`.
+    Failover(failover::FailoverArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Boundary(args) => boundary::run(&args),
+        Command::Failover(args) => failover::run(&args),
     }
 }
