@@ -573,11 +573,19 @@ async fn checkpoint(
     table: &LeaseTable,
     held: &Held,
     at: Checkpoint,
-    stream: &str,
+    config: &WorkerConfig,
 ) -> Result<bool, LeaseError> {
+    let stream = config.stream.as_str();
     let mut lease = held.lease.lock().await;
     if lease.checkpoint >= at && at != Checkpoint::ShardEnd {
         return Ok(true);
+    }
+    // A lease this host has not renewed for the failover time may already be another host's:
+    // never checkpoint it, even if the conditional write would still succeed (KCL's rule, and
+    // what makes a host paused past its lease stop at once).
+    if held.renewed.lock().map(|r| r.elapsed() > config.failover_time).unwrap_or(true) {
+        tracing::info!(shard = %lease.key, "Lost lease: not renewed within the failover time, so it cannot checkpoint; stopping the shard.");
+        return Ok(false);
     }
     match table.checkpoint(&lease, at).await {
         Ok(updated) => {
@@ -654,7 +662,7 @@ async fn consume<P: ShardProcessor>(
     let mut dirty = false;
     loop {
         if *stop.borrow() {
-            if dirty && !checkpoint(table, held, done.clone(), &config.stream).await? {
+            if dirty && !checkpoint(table, held, done.clone(), config).await? {
                 return Ok(Ended::Lost);
             }
             return Ok(Ended::Stopped);
@@ -716,14 +724,14 @@ async fn consume<P: ShardProcessor>(
             }
             if let Some(failure) = failure {
                 // Keep what was done, then stop the shard on this host.
-                if dirty && !checkpoint(table, held, done.clone(), &config.stream).await? {
+                if dirty && !checkpoint(table, held, done.clone(), config).await? {
                     return Ok(Ended::Lost);
                 }
                 return Err(failure.into());
             }
         }
         if let Some(children) = fetch.shard_end {
-            if dirty && !checkpoint(table, held, done.clone(), &config.stream).await? {
+            if dirty && !checkpoint(table, held, done.clone(), config).await? {
                 return Ok(Ended::Lost);
             }
             for child in &children {
@@ -747,14 +755,14 @@ async fn consume<P: ShardProcessor>(
                     }
                 }
             }
-            if !checkpoint(table, held, Checkpoint::ShardEnd, &config.stream).await? {
+            if !checkpoint(table, held, Checkpoint::ShardEnd, config).await? {
                 return Ok(Ended::Lost);
             }
             tracing::info!(shard = %key, "Shard finished (SHARD_END).");
             return Ok(Ended::ShardEnd);
         }
         if dirty && last_commit.elapsed() >= config.commit_interval {
-            if !checkpoint(table, held, done.clone(), &config.stream).await? {
+            if !checkpoint(table, held, done.clone(), config).await? {
                 return Ok(Ended::Lost);
             }
             dirty = false;
