@@ -213,10 +213,30 @@ pub async fn run_with<F: ProcessorFactory>(
                 tracing::error!(%error, "A shard task panicked.");
             }
         }
+        // Sleep one renewal interval, or less: until the next lease of another host would
+        // expire if its counter stays still, so a crashed host's shards are taken at expiry
+        // rather than up to one interval after it.
+        let pause = {
+            let mine: HashSet<String> = held
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .keys()
+                .cloned()
+                .collect();
+            let now = Instant::now();
+            seen.iter()
+                .filter(|(key, _)| !mine.contains(*key))
+                .map(|(_, (_, changed))| {
+                    *changed + config.failover_time + Duration::from_millis(25)
+                })
+                .filter(|expiry| *expiry > now)
+                .min()
+                .map_or(tick, |expiry| (expiry - now).min(tick))
+        };
         tokio::select! {
             () = &mut shutdown => break,
             () = wake.notified() => {}
-            () = tokio::time::sleep(tick) => {}
+            () = tokio::time::sleep(pause) => {}
         }
     }
     tracing::info!(stream = %config.stream, "Shutting down: finishing batches in flight.");
