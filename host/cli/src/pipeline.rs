@@ -161,17 +161,7 @@ impl ShardWorker {
                         shard_id: shard_id.clone(),
                         message: "it finished none of the batch's records".into(),
                     };
-                    if failures >= self.retry.max_attempts {
-                        self.count_stop("retries_exhausted");
-                        return Err(ShardError::RetriesExhausted {
-                            shard_id,
-                            attempts: failures,
-                            source: error,
-                        });
-                    }
-                    self.stats.retries += 1;
-                    self.count_retry();
-                    self.clock.sleep(self.retry.backoff(failures));
+                    self.back_off(&shard_id, failures, error)?;
                     work.push_front(rest);
                     continue;
                 }
@@ -223,23 +213,35 @@ impl ShardWorker {
                         self.stats.traps += 1;
                         self.instance = None;
                     }
-                    if failures >= self.retry.max_attempts {
-                        self.count_stop("retries_exhausted");
-                        return Err(ShardError::RetriesExhausted {
-                            shard_id,
-                            attempts: failures,
-                            source: error,
-                        });
-                    }
-                    self.stats.retries += 1;
-                    self.count_retry();
-                    let backoff = self.retry.backoff(failures);
-                    tracing::warn!(shard = %shard_id, attempt = failures, backoff_ms = backoff.as_millis() as u64, %error, "Batch failed; retrying.");
-                    self.clock.sleep(backoff);
+                    self.back_off(&shard_id, failures, error)?;
                     work.push_front(pending);
                 }
             }
         }
+        Ok(())
+    }
+
+    /// After the `failures`-th failure in a row of one batch: stops the shard when that was the
+    /// last attempt allowed, else counts a retry and sleeps the back-off.
+    fn back_off(
+        &mut self,
+        shard_id: &str,
+        failures: u32,
+        error: CallError,
+    ) -> Result<(), ShardError> {
+        if failures >= self.retry.max_attempts {
+            self.count_stop("retries_exhausted");
+            return Err(ShardError::RetriesExhausted {
+                shard_id: shard_id.to_owned(),
+                attempts: failures,
+                source: error,
+            });
+        }
+        self.stats.retries += 1;
+        self.count_retry();
+        let backoff = self.retry.backoff(failures);
+        tracing::warn!(shard = %shard_id, attempt = failures, backoff_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX), %error, "Batch failed; retrying.");
+        self.clock.sleep(backoff);
         Ok(())
     }
 
