@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws::{clients, create_stream, read_all, rt, wait_active};
+use aws::{clients, create_stream, job_properties, read_all, rt, wait_active};
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_kinesis::primitives::Blob;
 use common::{guest, kinesis_host};
@@ -129,32 +129,6 @@ fn position(checkpoint: &str) -> (u8, usize, String) {
         }
         _ => (0, 0, String::new()),
     }
-}
-
-fn job_properties(dir: &Path, job: &str, input: &str, output: &str, extra: &str) -> PathBuf {
-    let e = emulators::emulators();
-    let text = format!(
-        "job.name={job}\n\
-         job.id=1\n\
-         task.inputs=kinesis.{input}\n\
-         task.output.out=kinesis.{output}\n\
-         task.commit.ms=1\n\
-         systems.kinesis.samza.factory=org.apache.samza.system.kinesis.KinesisSystemFactory\n\
-         systems.kinesis.aws.region=us-east-1\n\
-         systems.kinesis.streams.{input}.aws.accessKey=test\n\
-         sensitive.systems.kinesis.streams.{input}.aws.secretKey=test\n\
-         systems.kinesis.streams.{output}.aws.accessKey=test\n\
-         sensitive.systems.kinesis.streams.{output}.aws.secretKey=test\n\
-         systems.kinesis.aws.kinesis.endpoint={}\n\
-         systems.kinesis.aws.dynamodb.endpoint={}\n\
-         systems.kinesis.aws.kcl.InitialPositionInStream=TRIM_HORIZON\n\
-         systems.kinesis.aws.kcl.IdleTimeBetweenReadsInMillis=100\n\
-         {extra}",
-        e.kinesis_endpoint, e.dynamodb_endpoint,
-    );
-    let path = dir.join("job.properties");
-    std::fs::write(&path, text).expect("write job.properties");
-    path
 }
 
 /// A running `kinesis-host run` logging to its own file; killed (after a SIGCONT, in case it

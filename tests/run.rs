@@ -341,7 +341,15 @@ fn kpl_aggregates_come_out_as_user_records_resuming_inside_an_aggregate() {
             .send()
             .await
             .expect("CreateTable");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let d = c.dynamodb.describe_table().table_name(table).send().await.expect("Describe");
+            if d.table().and_then(|t| t.table_status()).map(|s| s.as_str()) == Some("ACTIVE") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "table {table} never became ACTIVE");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         for (i, shard) in shards.iter().enumerate() {
             let mut put = c
                 .dynamodb
@@ -407,21 +415,7 @@ fn a_killed_host_resumes_after_its_checkpoint_losing_nothing() {
     assert!(host.stop().success());
     // At least once: every record; duplicates only from the window since the last checkpoint
     // (checkpoints follow every batch here, so at most the batch in flight).
-    let delivered = by_key(&got);
-    for (key, records) in by_key(&sent) {
-        let seen = &delivered[&key];
-        let mut first_seen: Vec<&String> = Vec::new();
-        for r in seen {
-            if !first_seen.contains(&r) {
-                first_seen.push(r);
-            }
-        }
-        assert_eq!(
-            first_seen,
-            records.iter().collect::<Vec<_>>(),
-            "first deliveries in order for {key}"
-        );
-    }
+    assert_first_deliveries_in_order(&got, &sent);
 }
 
 #[test]
@@ -707,16 +701,7 @@ fn a_host_paused_past_its_lease_cannot_checkpoint_when_it_resumes() {
     assert!(b.stop().success());
     assert!(a.stop().success());
     // Every record was delivered, first deliveries in order per key.
-    let got = by_key(&read_all(&c, output));
-    for (key, records) in by_key(&sent) {
-        let mut firsts: Vec<&String> = Vec::new();
-        for r in &got[&key] {
-            if !firsts.contains(&r) {
-                firsts.push(r);
-            }
-        }
-        assert_eq!(firsts, records.iter().collect::<Vec<_>>(), "{key}");
-    }
+    assert_first_deliveries_in_order(&read_all(&c, output), &sent);
 }
 
 #[path = "common/forward_proxy.rs"]

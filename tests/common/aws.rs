@@ -350,3 +350,18 @@ pub fn decimal_at_least(a: &str, b: &str) -> bool {
     // Sequence numbers are decimal strings longer than u128: compare by length, then digits.
     (a.len(), a) >= (b.len(), b)
 }
+
+/// At-least-once delivery with order: every sent record was delivered, and per partition key
+/// the first delivery of each record comes in the order it was sent (duplicates may follow).
+pub fn assert_first_deliveries_in_order(got: &[(String, String)], sent: &[(String, String)]) {
+    let delivered = by_key(got);
+    for (key, records) in by_key(sent) {
+        let mut firsts: Vec<&String> = Vec::new();
+        for r in delivered.get(&key).into_iter().flatten() {
+            if !firsts.contains(&r) {
+                firsts.push(r);
+            }
+        }
+        assert_eq!(firsts, records.iter().collect::<Vec<_>>(), "first deliveries for {key}");
+    }
+}
