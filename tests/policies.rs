@@ -402,3 +402,83 @@ fn bisect_isolates_the_failing_records_and_processes_every_other_record_once() {
     }
     assert_eq!(checkpoints(&c, "bisect-1-pol-bisect-in").get("shardId-000000000000"), seqs.last());
 }
+
+#[test]
+fn without_a_dead_letter_output_records_past_the_max_age_stop_the_shard() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("pol-age-stop-in", "pol-age-stop-out");
+    create_stream(&c, input, 1);
+    create_stream(&c, output, 1);
+    let seqs = put_numbered(&c, input, &records(&["fail-0", "ok-1"]));
+    let address = free_address();
+    let config = config(
+        dir.path(),
+        "agestop",
+        input,
+        output,
+        None,
+        &format!(
+            "task.retry.max.attempts=-1\ntask.retry.max.record.age.ms=1000\nmetrics.address={address}\n"
+        ),
+    );
+    let log = dir.path().join("host.log");
+    let host = Host::start_with("policy-task", &config, &log, &[]);
+    wait_for_log(&log, &format!("a batch failed with record {} older than", seqs[0]), 1);
+    let labels = [("stream", input), ("reason", "record_too_old")];
+    let stops = wait_for_metric(&address, "kinesis_host_task_shard_stops_total", &labels, 1.0);
+    assert!(stops >= 1.0, "{stops}");
+    let status = host.stop();
+    assert!(status.success(), "exit {status}; log:\n{}", log_text(&log));
+    assert!(read_all(&c, output).is_empty());
+    // Nothing was done, so nothing was checkpointed past the start.
+    let checkpoint = checkpoints(&c, "agestop-1-pol-age-stop-in");
+    assert_eq!(
+        checkpoint.get("shardId-000000000000").map(String::as_str),
+        Some("TRIM_HORIZON"),
+        "log:\n{}",
+        log_text(&log)
+    );
+}
+
+#[test]
+fn a_fatal_error_stops_the_shard_and_is_not_dead_lettered() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output, dlq) = ("pol-fatal-in", "pol-fatal-out", "pol-fatal-dlq");
+    create_stream(&c, input, 1);
+    create_stream(&c, output, 1);
+    create_stream(&c, dlq, 1);
+    let first = records(&["ok-0"]);
+    let mut seqs = put_numbered(&c, input, &first);
+    let address = free_address();
+    let config = config(
+        dir.path(),
+        "fatal",
+        input,
+        output,
+        Some(dlq),
+        &format!("metrics.address={address}\n"),
+    );
+    let log = dir.path().join("host.log");
+    let host = Host::start_with("policy-task", &config, &log, &[]);
+    wait_for_records(&c, output, 1, &log);
+    seqs.extend(put_numbered(&c, input, &records(&["fatal-1", "ok-2"])));
+    wait_for_log(&log, "a record asks to stop the shard", 1);
+    let labels = [("stream", input), ("reason", "fatal")];
+    let stops = wait_for_metric(&address, "kinesis_host_task_shard_stops_total", &labels, 1.0);
+    assert!(stops >= 1.0, "{stops}");
+    let table = "fatal-1-pol-fatal-in";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while checkpoints(&c, table).get("shardId-000000000000") != Some(&seqs[0])
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = host.stop();
+    assert!(status.success(), "exit {status}; log:\n{}", log_text(&log));
+    let out: Vec<String> = read_all(&c, output).into_iter().map(|(_, d)| d).collect();
+    assert_eq!(out, ["ok-0"]);
+    assert!(read_all(&c, dlq).is_empty(), "a fatal error dead-letters nothing");
+    assert_eq!(checkpoints(&c, table).get("shardId-000000000000"), Some(&seqs[0]));
+}
