@@ -61,9 +61,10 @@ fn config(limits: Limits, batch_records: usize, task_config: &[(&str, &str)]) ->
     let mut c = JobConfig { limits, ..JobConfig::default() };
     c.batch.max_records = batch_records;
     c.retry = RetryPolicy {
-        max_attempts: 3,
+        max_attempts: Some(3),
         initial_backoff: Duration::from_millis(1),
         max_backoff: Duration::from_millis(5),
+        ..RetryPolicy::default()
     };
     c.task_config = task_config.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
     c

@@ -20,6 +20,7 @@ const GUESTS: &[&str] = &[
     "sneaky-task",
     "log-flood-task",
     "partial-task",
+    "policy-task",
     "not-a-task",
 ];
 

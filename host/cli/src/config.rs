@@ -57,23 +57,32 @@ pub enum ConfigError {
     },
 }
 
-/// How a shard's failed batches are retried.
+/// How a shard's failed batches are retried, and when the host gives up on records
+/// (`task.retry.*`; see [`crate::pipeline`] for how they act together).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
-    /// Attempts of one batch before its shard is stopped (1 = no retry).
-    pub max_attempts: u32,
+    /// `task.retry.max.attempts`: calls of one batch (the first included) before its records are
+    /// given up on; `Some(1)` = no retry, `None` (`-1`) = no limit.
+    pub max_attempts: Option<u32>,
     /// First back-off.
     pub initial_backoff: Duration,
     /// Longest back-off; each failure doubles the previous one up to this.
     pub max_backoff: Duration,
+    /// `task.retry.max.record.age.ms`: a failed batch's records older than this (by arrival
+    /// time) are not retried but given up on; `None` (`-1`) = no limit.
+    pub max_record_age: Option<Duration>,
+    /// `task.retry.bisect`: split a failed batch in halves and retry each, down to one record.
+    pub bisect: bool,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
-            max_attempts: 5,
+            max_attempts: Some(5),
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
+            max_record_age: None,
+            bisect: false,
         }
     }
 }
@@ -83,6 +92,11 @@ impl RetryPolicy {
     pub fn backoff(&self, failures: u32) -> Duration {
         let factor = 1u32.checked_shl(failures.saturating_sub(1)).unwrap_or(u32::MAX);
         self.initial_backoff.saturating_mul(factor).min(self.max_backoff)
+    }
+
+    /// Whether a batch that failed `failures` times may not be called again.
+    pub fn exhausted(&self, failures: u32) -> bool {
+        self.max_attempts.is_some_and(|max| failures >= max)
     }
 }
 
@@ -118,6 +132,10 @@ pub struct JobConfig {
     pub batch: BatchLimits,
     /// `task.retry.*`.
     pub retry: RetryPolicy,
+    /// `task.dead.letter.output`: the name of the `task.output.*` that records given up on
+    /// (poison records, retries exhausted, too old) are written to; `None`: a poison record is
+    /// only logged, and giving up on a record stops its shard.
+    pub dead_letter_output: Option<String>,
     /// `metrics.address`: the `host:port` where `run` serves `/metrics`, `/healthz` and
     /// `/readyz`; `None` (absent or empty) serves nothing.
     pub metrics_address: Option<String>,
@@ -132,6 +150,7 @@ impl Default for JobConfig {
             limits: Limits::default(),
             batch: BatchLimits::default(),
             retry: RetryPolicy::default(),
+            dead_letter_output: None,
             metrics_address: None,
         }
     }
@@ -166,8 +185,18 @@ const LIMIT_KEYS: &[&str] = &[
     "task.limits.metric.names",
 ];
 const BATCH_KEYS: &[&str] = &["task.batch.max.records", "task.batch.max.bytes"];
-const RETRY_KEYS: &[&str] =
-    &["task.retry.max.attempts", "task.retry.backoff.initial.ms", "task.retry.backoff.max.ms"];
+const RETRY_KEYS: &[&str] = &[
+    "task.retry.max.attempts",
+    "task.retry.backoff.initial.ms",
+    "task.retry.backoff.max.ms",
+    "task.retry.max.record.age.ms",
+    "task.retry.bisect",
+];
+const DEAD_LETTER_KEYS: &[&str] = &[DEAD_LETTER_OUTPUT];
+/// The key naming the dead-letter output.
+const DEAD_LETTER_OUTPUT: &str = "task.dead.letter.output";
+/// The longest `task.retry.max.record.age.ms`: 365 days, Kinesis's longest retention.
+const MAX_RECORD_AGE_MS: u64 = 365 * 24 * 3600 * 1000;
 
 impl JobConfig {
     /// Reads and validates `path`.
@@ -196,9 +225,12 @@ impl JobConfig {
         props: &BTreeMap<String, String>,
     ) -> Result<Self, ConfigError> {
         let p = Props { path, props };
-        for (prefix, known) in
-            [("task.limits.", LIMIT_KEYS), ("task.batch.", BATCH_KEYS), ("task.retry.", RETRY_KEYS)]
-        {
+        for (prefix, known) in [
+            ("task.limits.", LIMIT_KEYS),
+            ("task.batch.", BATCH_KEYS),
+            ("task.retry.", RETRY_KEYS),
+            ("task.dead.letter.", DEAD_LETTER_KEYS),
+        ] {
             p.check_known(prefix, known)?;
         }
         let defaults = Limits::default();
@@ -276,15 +308,26 @@ impl JobConfig {
         };
         let retry_defaults = RetryPolicy::default();
         let retry = RetryPolicy {
-            max_attempts: p.number(
-                "task.retry.max.attempts",
-                retry_defaults.max_attempts,
-                1,
-                u32::MAX,
-            )?,
+            max_attempts: p
+                .unlimited_or(
+                    "task.retry.max.attempts",
+                    retry_defaults.max_attempts.map(u64::from),
+                    u64::from(u32::MAX),
+                    "attempts at one batch, the first included: 1 = no retry",
+                )?
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
             initial_backoff: p
                 .millis("task.retry.backoff.initial.ms", retry_defaults.initial_backoff)?,
             max_backoff: p.millis("task.retry.backoff.max.ms", retry_defaults.max_backoff)?,
+            max_record_age: p
+                .unlimited_or(
+                    "task.retry.max.record.age.ms",
+                    None,
+                    MAX_RECORD_AGE_MS,
+                    "milliseconds since the record's arrival in Kinesis",
+                )?
+                .map(Duration::from_millis),
+            bisect: p.boolean("task.retry.bisect", retry_defaults.bisect)?,
         };
         let mut outputs = BTreeMap::new();
         for (key, value) in p.props.range("task.output.".to_owned()..) {
@@ -297,6 +340,26 @@ impl JobConfig {
             }
             outputs.insert(name.to_owned(), value.trim().to_owned());
         }
+        let dead_letter_output = match p.props.get(DEAD_LETTER_OUTPUT).map(|v| v.trim()) {
+            None | Some("") => None,
+            Some(name) if outputs.contains_key(name) => Some(name.to_owned()),
+            Some(_) => {
+                let defined = if outputs.is_empty() {
+                    "none is defined".to_owned()
+                } else {
+                    format!(
+                        "defined: {}",
+                        outputs.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+                    )
+                };
+                return Err(p.invalid(
+                    DEAD_LETTER_OUTPUT,
+                    format!(
+                        "expected the name of an output defined with task.output.<name>=<system>.<stream> ({defined}), such as task.output.dlq=kinesis.orders-dlq with task.dead.letter.output=dlq"
+                    ),
+                ));
+            }
+        };
         let task_config = p
             .props
             .range("task.config.".to_owned()..)
@@ -317,6 +380,7 @@ impl JobConfig {
             limits,
             batch,
             retry,
+            dead_letter_output,
             metrics_address,
         })
     }
@@ -389,6 +453,37 @@ impl Props<'_> {
         match raw.trim().parse::<T>() {
             Ok(v) if v >= min && v <= max => Ok(v),
             _ => Err(self.invalid(key, format!("expected a whole number from {min} to {max}"))),
+        }
+    }
+
+    /// A whole number from 1 to `max`, or `-1` for no limit (`None`); `0` is refused, since it
+    /// is ambiguous. `what` says what the number counts.
+    fn unlimited_or(
+        &self,
+        key: &str,
+        default: Option<u64>,
+        max: u64,
+        what: &str,
+    ) -> Result<Option<u64>, ConfigError> {
+        let Some(raw) = self.props.get(key) else { return Ok(default) };
+        match raw.trim() {
+            "-1" => Ok(None),
+            v => match v.parse::<u64>() {
+                Ok(n) if (1..=max).contains(&n) => Ok(Some(n)),
+                _ => Err(self.invalid(
+                    key,
+                    format!("expected -1 (no limit) or a whole number from 1 to {max} ({what})"),
+                )),
+            },
+        }
+    }
+
+    fn boolean(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
+        let Some(raw) = self.props.get(key) else { return Ok(default) };
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(self.invalid(key, "expected true or false")),
         }
     }
 
@@ -537,11 +632,66 @@ mod tests {
     }
 
     #[test]
+    fn failure_policy_keys() -> Result<(), ConfigError> {
+        let c = parse(&[])?;
+        assert_eq!(c.retry, RetryPolicy::default());
+        assert_eq!(c.retry.max_attempts, Some(5));
+        assert_eq!(c.retry.max_record_age, None);
+        assert!(!c.retry.bisect);
+        assert_eq!(c.dead_letter_output, None);
+        let c = parse(&[
+            ("task.retry.max.attempts", "-1"),
+            ("task.retry.max.record.age.ms", "60000"),
+            ("task.retry.bisect", " TRUE "),
+            ("task.output.out", "kinesis.out"),
+            ("task.output.dlq", "kinesis.orders-dlq"),
+            ("task.dead.letter.output", "dlq"),
+        ])?;
+        assert_eq!(c.retry.max_attempts, None);
+        assert_eq!(c.retry.max_record_age, Some(Duration::from_secs(60)));
+        assert!(c.retry.bisect);
+        assert_eq!(c.dead_letter_output.as_deref(), Some("dlq"));
+        let c = parse(&[("task.retry.max.attempts", "1"), ("task.retry.max.record.age.ms", "-1")])?;
+        assert_eq!(c.retry.max_attempts, Some(1));
+        assert_eq!(c.retry.max_record_age, None);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_failure_policy_values_name_the_key_and_what_is_accepted() {
+        let err =
+            |pairs: &[(&str, &str)]| parse(pairs).map(|_| ()).expect_err("invalid").to_string();
+        assert_eq!(
+            err(&[("task.retry.max.attempts", "0")]),
+            "job.properties: task.retry.max.attempts=0 is not valid: expected -1 (no limit) or a whole number from 1 to 4294967295 (attempts at one batch, the first included: 1 = no retry)"
+        );
+        assert!(err(&[("task.retry.max.attempts", "-2")]).contains("task.retry.max.attempts=-2"));
+        assert_eq!(
+            err(&[("task.retry.max.record.age.ms", "0")]),
+            "job.properties: task.retry.max.record.age.ms=0 is not valid: expected -1 (no limit) or a whole number from 1 to 31536000000 (milliseconds since the record's arrival in Kinesis)"
+        );
+        assert_eq!(
+            err(&[("task.retry.bisect", "yes")]),
+            "job.properties: task.retry.bisect=yes is not valid: expected true or false"
+        );
+        assert_eq!(
+            err(&[("task.output.out", "kinesis.out"), ("task.dead.letter.output", "dlq")]),
+            "job.properties: task.dead.letter.output=dlq is not valid: expected the name of an output defined with task.output.<name>=<system>.<stream> (defined: out), such as task.output.dlq=kinesis.orders-dlq with task.dead.letter.output=dlq"
+        );
+        assert!(err(&[("task.dead.letter.output", "kinesis.dlq")]).contains("(none is defined)"),);
+        assert!(
+            err(&[("task.dead.letter.outpt", "dlq")])
+                .contains("did you mean task.dead.letter.output?")
+        );
+        assert!(err(&[("task.retry.bisekt", "true")]).contains("did you mean task.retry.bisect?"));
+    }
+
+    #[test]
     fn backoff_doubles_up_to_the_cap() {
         let p = RetryPolicy {
-            max_attempts: 9,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_millis(350),
+            ..RetryPolicy::default()
         };
         let b: Vec<_> = (1..=4).map(|n| p.backoff(n).as_millis()).collect();
         assert_eq!(b, [100, 200, 350, 350]);

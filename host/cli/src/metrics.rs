@@ -30,6 +30,8 @@ pub const BYTES_PROCESSED: &str = "kinesis_host_bytes_processed_total";
 pub const MILLIS_BEHIND_LATEST: &str = "kinesis_host_millis_behind_latest";
 /// Seconds to run one batch through the task, retries and back-offs included, per stream.
 pub const BATCH_LATENCY: &str = "kinesis_host_batch_latency_seconds";
+/// Records written to the dead-letter output, by `stream` and `reason`.
+pub const DEAD_LETTER_RECORDS: &str = "kinesis_host_dead_letter_records_total";
 
 /// Bucket bounds of [`BATCH_LATENCY`], in seconds.
 const LATENCY_BUCKETS: &[f64] =
@@ -123,6 +125,10 @@ fn describe() {
     describe_counter!(
         "kinesis_host_task_shard_stops_total",
         "Shards stopped by their task (fatal error or retries exhausted)."
+    );
+    describe_counter!(
+        DEAD_LETTER_RECORDS,
+        "Records written to the dead-letter output, by reason (poison_record, retries_exhausted, record_too_old)."
     );
 }
 

@@ -1,18 +1,36 @@
 //! One shard's task, batch by batch: joins the runtime (which knows wasmtime) to whatever feeds
-//! and commits records. It applies the failure policy: retryable errors and traps back off and
-//! retry (a trap also re-creates the instance), a poison record is set aside while the records
-//! around it go on, a fatal error stops the shard.
+//! and commits records. It applies the failure policy (`task.retry.*`,
+//! `task.dead.letter.output`):
+//!
+//! - a retryable error, a trap (which also re-creates the instance) or a call that finished no
+//!   record is a *failed call*: the batch's leading records older than
+//!   `task.retry.max.record.age.ms` are given up on; with `task.retry.bisect` a rest of more
+//!   than one record is split in halves, each retried after the first back-off (the halves
+//!   run in order, and a half that succeeds is committed once); otherwise the batch is retried
+//!   after a doubling back-off until it has failed `task.retry.max.attempts` times, when its
+//!   records are given up on;
+//! - a poison record is set aside while the records around it go on;
+//! - a fatal error, or a broken contract, stops the shard.
+//!
+//! A record *given up on* (and a poison record) goes to the sink's dead-letter output when it
+//! has one ([`Sink::dead_letter`], an envelope from [`DeadLetter::envelope`]); without one, a
+//! poison record is only logged and giving up on any other record stops the shard, as no
+//! record may be dropped silently.
 //!
 //! It records, labelled with the `stream`, `kinesis_host_task_errors_total` (one per failed
 //! call, by `kind`: `retryable`, `poison_record`, `fatal`, `trap`, `instantiate`, `contract`,
 //! `no_progress`), `kinesis_host_task_traps_total` (by `trap`: `deadline`,
 //! `memory_limit`, `panic`, `stack_overflow`, `other`), `kinesis_host_task_retries_total`,
 //! `kinesis_host_poison_records_total` and `kinesis_host_task_shard_stops_total` (by `reason`:
-//! `fatal` or `retries_exhausted`), through the [`metrics`] facade: no-ops unless a recorder is
-//! installed, as `run` does with `metrics.address`.
+//! `fatal`, `retries_exhausted` or `record_too_old`), through the [`metrics`] facade: no-ops
+//! unless a recorder is installed, as `run` does with `metrics.address`.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 
 use kinesis_host_runtime::{
     Batch, BatchOutput, CallError, Clock, InstanceSpec, RecordRef, ShardState, TaskComponent,
@@ -25,8 +43,139 @@ use crate::config::RetryPolicy;
 pub trait Sink {
     /// The records `batch` were processed; `output` is what they emitted. Called in shard order.
     fn commit(&mut self, batch: &Batch, output: BatchOutput);
-    /// The task declared `record` a poison record; it will not be delivered again.
+    /// The task declared `record` a poison record; it will not be delivered again. Called only
+    /// when the sink has no dead-letter output.
     fn poison(&mut self, shard_id: &str, record: RecordRef<'_>, message: &str);
+    /// Whether the sink has a dead-letter output for records given up on. Without one, a poison
+    /// record goes to [`Sink::poison`], and giving up on any other record stops the shard.
+    fn has_dead_letter(&self) -> bool {
+        false
+    }
+    /// `record` is given up on (or a poison record): it goes to the dead-letter output, and
+    /// counts as done. Called in shard order, between commits, only when
+    /// [`Sink::has_dead_letter`].
+    fn dead_letter(&mut self, _record: RecordRef<'_>, _letter: &DeadLetter) {}
+}
+
+/// Why the host gave up on a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GiveUp {
+    /// The task declared it a poison record.
+    PoisonRecord,
+    /// Its batch failed `task.retry.max.attempts` times.
+    RetriesExhausted,
+    /// Its batch failed when it was older than `task.retry.max.record.age.ms`.
+    RecordTooOld,
+}
+
+impl GiveUp {
+    /// The name in envelopes, logs and the `reason` label of
+    /// `kinesis_host_dead_letter_records_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GiveUp::PoisonRecord => "poison_record",
+            GiveUp::RetriesExhausted => "retries_exhausted",
+            GiveUp::RecordTooOld => "record_too_old",
+        }
+    }
+}
+
+/// Why a record was given up on: what its dead-letter envelope says besides the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Why.
+    pub reason: GiveUp,
+    /// The kind of the last failure: `retryable`, `poison_record`, `trap`, `instantiate` or
+    /// `no_progress` (as the `kind` label of `kinesis_host_task_errors_total`).
+    pub error_kind: &'static str,
+    /// The last failure's message.
+    pub message: String,
+    /// Failed `process` calls that included the record.
+    pub attempts: u32,
+    /// The job (`job.name`).
+    pub job: String,
+    /// The input stream.
+    pub stream: String,
+    /// The shard.
+    pub shard_id: String,
+}
+
+/// The largest Kinesis record (data and partition key), so the largest envelope.
+const MAX_KINESIS_RECORD_BYTES: usize = 1 << 20;
+
+impl DeadLetter {
+    /// The JSON envelope written to the dead-letter stream for `record`:
+    ///
+    /// ```json
+    /// {"reason":"retries_exhausted","error":{"kind":"retryable","message":"…"},"attempts":5,
+    ///  "job":"orders","record":{"stream":"orders","shard_id":"shardId-000000000001",
+    ///  "sequence_number":"4960…","sub_sequence_number":0,"partition_key":"k",
+    ///  "arrival_millis":1764160000000,"data":"<base64>"}}
+    /// ```
+    ///
+    /// `record` has the fields of a `kinesis-host replay` input line (plus `explicit_hash_key`
+    /// when set), so `jq -c .record` turns dead letters into replay input. When the envelope
+    /// would exceed a Kinesis record (1 MiB with the partition key), `data` is left out and
+    /// `data_omitted` gives the data's length: the record is still in the source stream at that
+    /// position for the stream's retention period.
+    pub fn envelope(&self, record: RecordRef<'_>) -> Vec<u8> {
+        let mut json = self.envelope_with(record, Some(BASE64.encode(record.data)));
+        if json.len() + record.partition_key.len() > MAX_KINESIS_RECORD_BYTES {
+            json = self.envelope_with(record, None);
+        }
+        json
+    }
+
+    fn envelope_with(&self, record: RecordRef<'_>, data: Option<String>) -> Vec<u8> {
+        let mut source = serde_json::json!({
+            "stream": self.stream,
+            "shard_id": self.shard_id,
+            "sequence_number": record.sequence_number,
+            "sub_sequence_number": record.sub_sequence_number,
+            "partition_key": record.partition_key,
+            "arrival_millis": record.approximate_arrival_millis,
+        });
+        if let Some(key) = record.explicit_hash_key {
+            source["explicit_hash_key"] = key.into();
+        }
+        match data {
+            Some(data) => source["data"] = data.into(),
+            None => source["data_omitted"] = record.data.len().into(),
+        }
+        let envelope = serde_json::json!({
+            "reason": self.reason.as_str(),
+            "error": { "kind": self.error_kind, "message": self.message },
+            "attempts": self.attempts,
+            "job": self.job,
+            "record": source,
+        });
+        envelope.to_string().into_bytes()
+    }
+}
+
+/// How many leading records of `batch` arrived more than `max_age` before `now_millis` (both
+/// in milliseconds since the Unix epoch). Records of a shard arrive in order, so these are the
+/// batch's too-old records; a later one that is also too old waits for the next failure.
+pub fn too_old_prefix(batch: &Batch, now_millis: u64, max_age: Duration) -> usize {
+    let max = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
+    batch
+        .iter()
+        .take_while(|r| now_millis.saturating_sub(r.approximate_arrival_millis) > max)
+        .count()
+}
+
+/// The halves a failed batch of `len` records (at least 2) is split into under
+/// `task.retry.bisect`: the first gets the smaller half when `len` is odd.
+pub fn halves(len: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+    let mid = len / 2;
+    (0..mid, mid..len)
+}
+
+/// Milliseconds since the Unix epoch, by the system's wall clock (arrival times are wall times).
+fn wall_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Why a shard stopped.
@@ -40,9 +189,9 @@ pub enum ShardError {
         /// The task's error.
         source: CallError,
     },
-    /// A batch kept failing.
+    /// A batch kept failing, and there is no dead-letter output to take its records.
     #[error(
-        "shard {shard_id} stopped after {attempts} failed attempts at one batch (task.retry.max.attempts); the last: {source}"
+        "shard {shard_id} stopped after {attempts} failed attempts at one batch (task.retry.max.attempts; set task.dead.letter.output to go on without its records); the last: {source}"
     )]
     RetriesExhausted {
         /// The shard.
@@ -51,6 +200,21 @@ pub enum ShardError {
         attempts: u32,
         /// The last failure.
         source: CallError,
+    },
+    /// A batch failed with records older than `task.retry.max.record.age.ms`, and there is no
+    /// dead-letter output to take them.
+    #[error(
+        "shard {shard_id} stopped: a batch failed with record {sequence_number} older than task.retry.max.record.age.ms={max_age_ms} (set task.dead.letter.output to go on without it); the last error: {source}"
+    )]
+    RecordTooOld {
+        /// The shard.
+        shard_id: String,
+        /// The first record too old.
+        sequence_number: String,
+        /// The limit.
+        max_age_ms: u64,
+        /// The last failure.
+        source: Box<CallError>,
     },
 }
 
@@ -69,6 +233,23 @@ pub struct ShardStats {
     pub traps: u64,
     /// Poison records set aside.
     pub poison_records: u64,
+    /// Records written to the dead-letter output (poison records included).
+    pub dead_letters: u64,
+}
+
+/// A batch waiting for a call, with its failures so far.
+struct Pending {
+    batch: Batch,
+    /// Failed calls of this batch.
+    failures: u32,
+    /// Failed calls of the larger batches it was split from (bisect).
+    earlier: u32,
+}
+
+impl Pending {
+    fn fresh(batch: Batch) -> Self {
+        Self { batch, failures: 0, earlier: 0 }
+    }
 }
 
 /// Runs one shard's batches through its task instance.
@@ -118,13 +299,14 @@ impl ShardWorker {
     /// Processes every record of `batch`, committing to `sink` as records are done.
     ///
     /// # Errors
-    /// When the shard must stop: a fatal task error, or one batch failing
-    /// `task.retry.max.attempts` times. Records committed before that stay committed.
+    /// When the shard must stop: a fatal task error, or records to give up on (a batch failing
+    /// `task.retry.max.attempts` times, or failing with records older than
+    /// `task.retry.max.record.age.ms`) while the sink has no dead-letter output. Records
+    /// committed before that stay committed.
     pub fn run(&mut self, batch: Batch, sink: &mut dyn Sink) -> Result<(), ShardError> {
         let shard_id = self.spec.shard_id.clone();
-        let mut work = VecDeque::from([batch]);
-        let mut failures = 0u32;
-        while let Some(pending) = work.pop_front() {
+        let mut work = VecDeque::from([Pending::fresh(batch)]);
+        while let Some(Pending { batch: pending, failures, earlier }) = work.pop_front() {
             if pending.is_empty() {
                 continue;
             }
@@ -144,30 +326,28 @@ impl ShardWorker {
                     self.stats.emitted += output.emits.len() as u64;
                     if processed == pending.len() {
                         sink.commit(&pending, output);
-                        failures = 0;
                         continue;
                     }
                     // A partial result: commit the done prefix, deliver the rest again.
                     sink.commit(&pending.slice(0..processed), output);
                     let rest = pending.slice(processed..pending.len());
                     if processed > 0 {
-                        failures = 0;
-                        work.push_front(rest);
+                        work.push_front(Pending::fresh(rest));
                         continue;
                     }
-                    failures += 1;
                     self.count_error("no_progress");
                     let error = CallError::Contract {
                         shard_id: shard_id.clone(),
                         message: "it finished none of the batch's records".into(),
                     };
-                    self.back_off(&shard_id, failures, error)?;
-                    work.push_front(rest);
+                    let failed = Pending { batch: rest, failures: failures + 1, earlier };
+                    self.failed(failed, "no_progress", error, sink, &mut work)?;
                     continue;
                 }
                 Err(error) => error,
             };
-            self.count_error(error_kind(&error));
+            let kind = error_kind(&error);
+            self.count_error(kind);
             if let CallError::Trap { kind, .. } = &error {
                 metrics::counter!(
                     "kinesis_host_task_traps_total",
@@ -185,8 +365,14 @@ impl ShardWorker {
                 } if (*index as usize) < pending.len() => {
                     let index = *index as usize;
                     if let Some(record) = pending.get(index) {
-                        tracing::warn!(shard = %shard_id, sequence_number = record.sequence_number, sub_sequence_number = record.sub_sequence_number, error = %message, "Poison record set aside.");
-                        sink.poison(&shard_id, record, message);
+                        tracing::warn!(shard = %shard_id, sequence_number = record.sequence_number, sub_sequence_number = record.sub_sequence_number, error = %message, dead_letter = sink.has_dead_letter(), "Poison record set aside.");
+                        if sink.has_dead_letter() {
+                            let letter = self.letter(GiveUp::PoisonRecord, kind, &error, 1);
+                            sink.dead_letter(record, &letter);
+                            self.stats.dead_letters += 1;
+                        } else {
+                            sink.poison(&shard_id, record, message);
+                        }
                     }
                     self.stats.poison_records += 1;
                     metrics::counter!(
@@ -194,10 +380,9 @@ impl ShardWorker {
                         "stream" => self.spec.stream.clone(),
                     )
                     .increment(1);
-                    failures = 0;
                     // The records before it are delivered again: their emits were discarded.
-                    work.push_front(pending.slice(index + 1..pending.len()));
-                    work.push_front(pending.slice(0..index));
+                    work.push_front(Pending::fresh(pending.slice(index + 1..pending.len())));
+                    work.push_front(Pending::fresh(pending.slice(0..index)));
                 }
                 CallError::Task {
                     kind: TaskErrorKind::Fatal | TaskErrorKind::PoisonRecord,
@@ -208,41 +393,122 @@ impl ShardWorker {
                     return Err(ShardError::Fatal { shard_id, source: error });
                 }
                 _ => {
-                    failures += 1;
                     if error.poisons_instance() {
                         self.stats.traps += 1;
                         self.instance = None;
                     }
-                    self.back_off(&shard_id, failures, error)?;
-                    work.push_front(pending);
+                    let failed = Pending { batch: pending, failures: failures + 1, earlier };
+                    self.failed(failed, kind, error, sink, &mut work)?;
                 }
             }
         }
         Ok(())
     }
 
-    /// After the `failures`-th failure in a row of one batch: stops the shard when that was the
-    /// last attempt allowed, else counts a retry and sleeps the back-off.
-    fn back_off(
+    /// After a failed call of `failed` (its `failures` already counting this one): gives up on
+    /// its leading records that are too old, bisects the rest, gives up on it once it has failed
+    /// `task.retry.max.attempts` times, or else backs off and puts it back in front of `work`.
+    fn failed(
         &mut self,
-        shard_id: &str,
-        failures: u32,
+        failed: Pending,
+        kind: &'static str,
         error: CallError,
+        sink: &mut dyn Sink,
+        work: &mut VecDeque<Pending>,
     ) -> Result<(), ShardError> {
-        if failures >= self.retry.max_attempts {
-            self.count_stop("retries_exhausted");
-            return Err(ShardError::RetriesExhausted {
-                shard_id: shard_id.to_owned(),
-                attempts: failures,
-                source: error,
-            });
+        let Pending { batch, failures, earlier } = failed;
+        let shard_id = self.spec.shard_id.clone();
+        let attempts = earlier.saturating_add(failures);
+        let mut batch = batch;
+        if let Some(max_age) = self.retry.max_record_age {
+            let old = too_old_prefix(&batch, wall_millis(), max_age);
+            if old > 0 {
+                if !sink.has_dead_letter() {
+                    self.count_stop("record_too_old");
+                    return Err(ShardError::RecordTooOld {
+                        sequence_number: batch
+                            .get(0)
+                            .map(|r| r.sequence_number.to_owned())
+                            .unwrap_or_default(),
+                        shard_id,
+                        max_age_ms: u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX),
+                        source: Box::new(error),
+                    });
+                }
+                let letter = self.letter(GiveUp::RecordTooOld, kind, &error, attempts);
+                self.give_up(&batch.slice(0..old), &letter, sink);
+                batch = batch.slice(old..batch.len());
+                if batch.is_empty() {
+                    return Ok(());
+                }
+            }
         }
+        if self.retry.bisect && batch.len() > 1 {
+            let (first, second) = halves(batch.len());
+            self.retry_after(&shard_id, 1, batch.len(), &error);
+            work.push_front(Pending { batch: batch.slice(second), failures: 0, earlier: attempts });
+            work.push_front(Pending { batch: batch.slice(first), failures: 0, earlier: attempts });
+            return Ok(());
+        }
+        if self.retry.exhausted(failures) {
+            if !sink.has_dead_letter() {
+                self.count_stop("retries_exhausted");
+                return Err(ShardError::RetriesExhausted {
+                    shard_id,
+                    attempts: failures,
+                    source: error,
+                });
+            }
+            let letter = self.letter(GiveUp::RetriesExhausted, kind, &error, attempts);
+            self.give_up(&batch, &letter, sink);
+            return Ok(());
+        }
+        self.retry_after(&shard_id, failures, batch.len(), &error);
+        work.push_front(Pending { batch, failures, earlier });
+        Ok(())
+    }
+
+    /// Counts a retry and sleeps the back-off after `failures` failures in a row.
+    fn retry_after(&mut self, shard_id: &str, failures: u32, records: usize, error: &CallError) {
         self.stats.retries += 1;
         self.count_retry();
         let backoff = self.retry.backoff(failures);
-        tracing::warn!(shard = %shard_id, attempt = failures, backoff_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX), %error, "Batch failed; retrying.");
+        let bisect = self.retry.bisect && records > 1;
+        tracing::warn!(shard = %shard_id, attempt = failures, records, bisect, backoff_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX), %error, "Batch failed; retrying.");
         self.clock.sleep(backoff);
-        Ok(())
+    }
+
+    /// Sends every record of `batch` to the sink's dead-letter output.
+    fn give_up(&mut self, batch: &Batch, letter: &DeadLetter, sink: &mut dyn Sink) {
+        let first = batch.get(0).map(|r| r.sequence_number.to_owned()).unwrap_or_default();
+        tracing::warn!(shard = %letter.shard_id, reason = letter.reason.as_str(), records = batch.len(), first_sequence_number = %first, attempts = letter.attempts, error = %letter.message, "Giving up on records: writing them to the dead-letter output.");
+        for record in batch.iter() {
+            tracing::trace!(shard = %letter.shard_id, sequence_number = record.sequence_number, sub_sequence_number = record.sub_sequence_number, "Dead letter.");
+            sink.dead_letter(record, letter);
+            self.stats.dead_letters += 1;
+        }
+    }
+
+    fn letter(
+        &self,
+        reason: GiveUp,
+        error_kind: &'static str,
+        error: &CallError,
+        attempts: u32,
+    ) -> DeadLetter {
+        DeadLetter {
+            reason,
+            error_kind,
+            // The task's own words when it returned an error; else the host's description.
+            message: match error {
+                CallError::Task { message, .. } => message.clone(),
+                other => other.to_string(),
+            },
+            attempts,
+            job: self.spec.job.clone(),
+            stream: self.spec.stream.clone(),
+            shard_id: self.spec.shard_id.clone(),
+        }
     }
 
     /// Calls the task's `shutdown` and drops the instance.
@@ -310,5 +576,144 @@ fn trap_kind(kind: TrapKind) -> &'static str {
         TrapKind::Panic => "panic",
         TrapKind::StackOverflow => "stack_overflow",
         TrapKind::Other => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record<'a>(seq: &'a str, arrival: u64, data: &'a [u8]) -> RecordRef<'a> {
+        RecordRef {
+            data,
+            partition_key: "key-1",
+            sequence_number: seq,
+            sub_sequence_number: 0,
+            explicit_hash_key: None,
+            approximate_arrival_millis: arrival,
+        }
+    }
+
+    fn batch(arrivals: &[u64]) -> Batch {
+        let seqs: Vec<String> = (0..arrivals.len()).map(|i| format!("{}", 100 + i)).collect();
+        let mut b = Batch::new("s", "shardId-000000000000", 100, 1 << 20);
+        for (seq, arrival) in seqs.iter().zip(arrivals) {
+            assert!(b.push(&record(seq, *arrival, b"x")));
+        }
+        b
+    }
+
+    #[test]
+    fn too_old_records_are_the_leading_ones_past_the_age() {
+        let max = Duration::from_millis(1000);
+        let b = batch(&[1000, 1500, 2000, 2999, 3000, 1200]);
+        // At 3000, records that arrived before 2000 are older than 1000 ms; 2000 is exactly
+        // 1000 ms old, not older.
+        assert_eq!(too_old_prefix(&b, 3000, max), 2);
+        assert_eq!(too_old_prefix(&b, 1000, max), 0);
+        // The prefix stops at the first young record even if a later one is old.
+        assert_eq!(too_old_prefix(&b, 4000, max), 4);
+        assert_eq!(too_old_prefix(&b, 10_000, max), 6);
+        assert_eq!(too_old_prefix(&batch(&[]), 10_000, max), 0);
+        // An arrival in the future (clock skew) is not old.
+        assert_eq!(too_old_prefix(&batch(&[5000]), 3000, max), 0);
+    }
+
+    #[test]
+    fn bisecting_halves_cover_the_batch_in_order_down_to_one_record() {
+        assert_eq!(halves(2), (0..1, 1..2));
+        assert_eq!(halves(5), (0..2, 2..5));
+        // Isolating one record of 500 by halving the part that holds it: every level has a
+        // non-empty half on each side, and it takes ceil(log2(500)) = 9 splits.
+        for bad in [0, 1, 249, 250, 498, 499] {
+            let (mut start, mut end, mut splits) = (0usize, 500usize, 0);
+            while end - start > 1 {
+                let (a, b) = halves(end - start);
+                assert!(!a.is_empty() && !b.is_empty());
+                assert_eq!((a.start, a.end, b.end), (0, b.start, end - start));
+                if bad - start < a.end {
+                    end = start + a.end;
+                } else {
+                    start += b.start;
+                }
+                splits += 1;
+            }
+            assert_eq!(start, bad);
+            assert!(splits <= 9, "{splits}");
+        }
+    }
+
+    #[test]
+    fn envelope_carries_the_error_and_the_source_position() -> Result<(), serde_json::Error> {
+        let letter = DeadLetter {
+            reason: GiveUp::RetriesExhausted,
+            error_kind: "retryable",
+            message: "downstream \"db\" unavailable".into(),
+            attempts: 5,
+            job: "orders".into(),
+            stream: "orders-in".into(),
+            shard_id: "shardId-000000000001".into(),
+        };
+        let mut r =
+            record("49590338271490256608559692538361571095921575989136588898", 1234, b"\x00hi");
+        r.sub_sequence_number = 3;
+        let v: serde_json::Value = serde_json::from_slice(&letter.envelope(r))?;
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "reason": "retries_exhausted",
+                "error": { "kind": "retryable", "message": "downstream \"db\" unavailable" },
+                "attempts": 5,
+                "job": "orders",
+                "record": {
+                    "stream": "orders-in",
+                    "shard_id": "shardId-000000000001",
+                    "sequence_number": "49590338271490256608559692538361571095921575989136588898",
+                    "sub_sequence_number": 3,
+                    "partition_key": "key-1",
+                    "arrival_millis": 1234,
+                    "data": "AGhp",
+                }
+            })
+        );
+        r.explicit_hash_key = Some("42");
+        let v: serde_json::Value = serde_json::from_slice(&letter.envelope(r))?;
+        assert_eq!(v["record"]["explicit_hash_key"], "42");
+        Ok(())
+    }
+
+    #[test]
+    fn an_envelope_too_large_for_kinesis_leaves_the_data_out() -> Result<(), serde_json::Error> {
+        let letter = DeadLetter {
+            reason: GiveUp::PoisonRecord,
+            error_kind: "poison_record",
+            message: "bad".into(),
+            attempts: 1,
+            job: "j".into(),
+            stream: "s".into(),
+            shard_id: "shardId-000000000000".into(),
+        };
+        let data = vec![7u8; 1 << 20];
+        let envelope = letter.envelope(record("1", 0, &data));
+        assert!(envelope.len() < 4096, "{}", envelope.len());
+        let v: serde_json::Value = serde_json::from_slice(&envelope)?;
+        assert_eq!(v["record"]["data_omitted"], 1 << 20);
+        assert!(v["record"].get("data").is_none());
+        // Just under the limit, the data stays.
+        let data = vec![7u8; 700_000];
+        let v: serde_json::Value = serde_json::from_slice(&letter.envelope(record("1", 0, &data)))?;
+        assert!(v["record"]["data"].is_string());
+        Ok(())
+    }
+
+    #[test]
+    fn attempts_limit_minus_one_means_none() {
+        let unlimited = RetryPolicy { max_attempts: None, ..RetryPolicy::default() };
+        assert!(!unlimited.exhausted(u32::MAX));
+        let once = RetryPolicy { max_attempts: Some(1), ..RetryPolicy::default() };
+        assert!(once.exhausted(1));
+        let five = RetryPolicy::default();
+        assert!(!five.exhausted(4));
+        assert!(five.exhausted(5));
     }
 }

@@ -20,9 +20,10 @@ use kinesis_host_runtime::{
 
 use crate::config::JobConfig;
 use crate::metrics::{
-    BATCH_LATENCY, BYTES_PROCESSED, Health, MILLIS_BEHIND_LATEST, RECORDS_PROCESSED,
+    BATCH_LATENCY, BYTES_PROCESSED, DEAD_LETTER_RECORDS, Health, MILLIS_BEHIND_LATEST,
+    RECORDS_PROCESSED,
 };
-use crate::pipeline::{ShardWorker, Sink};
+use crate::pipeline::{DeadLetter, GiveUp, ShardWorker, Sink};
 use crate::samza::{AwsSettings, BillingMode, InitialPosition, InputStream, RunConfig};
 
 /// Converts the job's AWS settings for the coordinator.
@@ -198,6 +199,10 @@ impl std::fmt::Debug for TaskProcessor {
 struct Collect {
     emits: Vec<(String, OutputRecord)>,
     done: usize,
+    /// `task.dead.letter.output`, when set.
+    dead_letter: Option<String>,
+    /// Envelopes of the records given up on, in order, with why.
+    dead_letters: Vec<(GiveUp, OutputRecord)>,
 }
 
 impl Sink for Collect {
@@ -218,6 +223,21 @@ impl Sink for Collect {
     fn poison(&mut self, _shard_id: &str, _record: RecordRef<'_>, _message: &str) {
         // Set aside (logged by the pipeline); it counts as done.
         self.done += 1;
+    }
+
+    fn has_dead_letter(&self) -> bool {
+        self.dead_letter.is_some()
+    }
+
+    fn dead_letter(&mut self, record: RecordRef<'_>, letter: &DeadLetter) {
+        // Done once its envelope is acknowledged, which comes before any checkpoint.
+        self.done += 1;
+        let envelope = OutputRecord {
+            partition_key: record.partition_key.to_owned(),
+            explicit_hash_key: None,
+            data: letter.envelope(record),
+        };
+        self.dead_letters.push((letter.reason, envelope));
     }
 }
 
@@ -241,10 +261,11 @@ impl ShardProcessor for TaskProcessor {
             result
         };
         let all = records.clone();
+        let dead_letter = self.job.dead_letter_output.clone();
         // The task runs on a blocking thread, so a slow task never stalls lease renewal.
         let (collected, failure) = tokio::task::spawn_blocking(move || {
             let mut worker = worker.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut sink = Collect::default();
+            let mut sink = Collect { dead_letter, ..Collect::default() };
             let mut batch = Batch::new(&stream, &shard_id, limits.max_records, limits.max_bytes);
             batch
                 .set_millis_behind_latest(millis_behind_latest.and_then(|m| u64::try_from(m).ok()));
@@ -303,6 +324,12 @@ impl ShardProcessor for TaskProcessor {
                 .await
                 .map_err(|e| ProcessorError { done: 0, message: e.to_string() })?;
         }
+        // Then the envelopes of the records given up on, before the checkpoint passes them.
+        if let Some(name) = &collected.dead_letter
+            && !collected.dead_letters.is_empty()
+        {
+            send_dead_letters(&self.outputs, name, &self.stream, &collected.dead_letters).await?;
+        }
         let done = all.get(..collected.done).unwrap_or(&all);
         self.metrics.records.increment(done.len() as u64);
         self.metrics.bytes.increment(done.iter().map(|r| r.data.len() as u64).sum());
@@ -323,6 +350,39 @@ impl ShardProcessor for TaskProcessor {
         })
         .await;
     }
+}
+
+/// Sends `letters` to output `name` (`task.dead.letter.output`) and counts them in
+/// `kinesis_host_dead_letter_records_total` once acknowledged.
+async fn send_dead_letters(
+    outputs: &BTreeMap<String, Producer>,
+    name: &str,
+    stream: &str,
+    letters: &[(GiveUp, OutputRecord)],
+) -> Result<(), ProcessorError> {
+    let Some(producer) = outputs.get(name) else {
+        return Err(ProcessorError {
+            done: 0,
+            message: format!("task.dead.letter.output={name} is not an output of the job"),
+        });
+    };
+    let records: Vec<OutputRecord> = letters.iter().map(|(_, r)| r.clone()).collect();
+    producer.send(&records).await.map_err(|e| ProcessorError {
+        done: 0,
+        message: format!("cannot write dead letters to task.dead.letter.output={name}: {e}"),
+    })?;
+    for reason in [GiveUp::PoisonRecord, GiveUp::RetriesExhausted, GiveUp::RecordTooOld] {
+        let n = letters.iter().filter(|(r, _)| *r == reason).count();
+        if n > 0 {
+            metrics::counter!(
+                DEAD_LETTER_RECORDS,
+                "stream" => stream.to_owned(),
+                "reason" => reason.as_str(),
+            )
+            .increment(n as u64);
+        }
+    }
+    Ok(())
 }
 
 /// Runs the job until `shutdown` resolves.
