@@ -932,7 +932,8 @@ impl<'a> Parser<'a> {
                     self.invalid(
                         "job.name",
                         format!(
-                            "the default enhanced fan-out consumer name of input {}.{}, {name},                              is not valid ({problem}); change job.name or job.id, or set {}",
+                            "the default enhanced fan-out consumer name of input {}.{}, {name}, is \
+                             not valid ({problem}); change job.name or job.id, or set {}",
                             scope.system,
                             scope.stream,
                             scope.kcl_keys("ConsumerName")[0]
@@ -1879,6 +1880,113 @@ mod tests {
             ]
         );
         assert!(warnings.iter().all(|w| !w.contains(SECRET)));
+        Ok(())
+    }
+
+    #[test]
+    fn retrieval_mode_fanout_with_its_consumer_settings() -> Result<(), ConfigError> {
+        const K: &str = "systems.kinesis.aws.kcl";
+        const S: &str = "systems.kinesis.streams.clicks.aws.kcl";
+        assert_eq!(parse(&[])?.0.inputs[0].kcl.retrieval, Retrieval::Polling);
+        let polling = parse(&[(&format!("{K}.RetrievalMode"), "polling")])?;
+        assert_eq!(polling.0.inputs[0].kcl.retrieval, Retrieval::Polling);
+
+        // FANOUT: the consumer is named after the job unless ConsumerName says otherwise.
+        let (config, warnings) =
+            parse(&[(&format!("{K}.RetrievalMode"), "FANOUT"), ("job.id", "7")])?;
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(
+            config.inputs[0].kcl.retrieval,
+            Retrieval::FanOut {
+                consumer_name: "clicks-job-7".to_owned(),
+                consumer_arn: None,
+                resubscribe_interval: DEFAULT_RESUBSCRIBE_INTERVAL,
+            }
+        );
+        let arn = "arn:aws:kinesis:us-east-1:123456789012:stream/clicks/consumer/mine:1700000000";
+        let (config, warnings) = parse(&[
+            (&format!("{K}.RetrievalMode"), "fanout"),
+            (&format!("{S}.ConsumerName"), "my-app"),
+            (&format!("{S}.ResubscribeIntervalMillis"), "60000"),
+        ])?;
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(
+            config.inputs[0].kcl.retrieval,
+            Retrieval::FanOut {
+                consumer_name: "my-app".to_owned(),
+                consumer_arn: None,
+                resubscribe_interval: Duration::from_secs(60),
+            }
+        );
+        let (config, warnings) = parse(&[
+            (&format!("{K}.RetrievalMode"), "FANOUT"),
+            (&format!("{K}.ConsumerName"), "my-app"),
+            (&format!("{S}.ConsumerArn"), arn),
+            (&format!("{K}.MaxRecords"), "100"),
+        ])?;
+        assert!(matches!(
+            &config.inputs[0].kcl.retrieval,
+            Retrieval::FanOut { consumer_arn: Some(a), .. } if a == arn
+        ));
+        let expected = [
+            format!("{K}.MaxRecords is ignored: MaxRecords does not apply to RetrievalMode FANOUT"),
+            format!("{K}.ConsumerName is ignored: {S}.ConsumerArn names the consumer to use"),
+        ]
+        .map(|w| format!("job.properties: {w}"));
+        assert_eq!(warnings, expected);
+
+        // Fan-out settings without FANOUT do nothing, and say so.
+        let warnings = self::warnings(&[(&format!("{K}.ConsumerName"), "my-app")])?;
+        assert_eq!(
+            warnings,
+            [format!(
+                "job.properties: {K}.ConsumerName is ignored: ConsumerName does not apply to \
+                 RetrievalMode POLLING (the default; set RetrievalMode=FANOUT)"
+            )]
+        );
+        // A misspelt key gets the nearest one.
+        let warnings = self::warnings(&[(&format!("{K}.RetreivalMode"), "FANOUT")])?;
+        assert!(
+            warnings.iter().any(|w| w.contains(&format!("did you mean {K}.RetrievalMode?"))),
+            "{warnings:?}"
+        );
+
+        // Bad values name the key, the value and what is accepted.
+        let bad = |pairs: &[(&str, &str)], expected: &str| {
+            let message = error(pairs).to_string();
+            assert!(message.contains(expected), "{message}");
+        };
+        bad(
+            &[(&format!("{K}.RetrievalMode"), "PUSH")],
+            "RetrievalMode=PUSH is not valid: expected POLLING or FANOUT",
+        );
+        bad(
+            &[
+                (&format!("{K}.RetrievalMode"), "FANOUT"),
+                (&format!("{K}.ResubscribeIntervalMillis"), "300001"),
+            ],
+            "ResubscribeIntervalMillis=300001 is not valid: expected a whole number of milliseconds from 1000 to 300000",
+        );
+        bad(&[(&format!("{K}.ConsumerName"), "my app")], "expected a stream consumer name");
+        bad(
+            &[(&format!("{K}.ConsumerArn"), "mine")],
+            "expected the ARN of a consumer of stream clicks",
+        );
+        bad(
+            &[(
+                &format!("{K}.ConsumerArn"),
+                "arn:aws:kinesis:us-east-1:123456789012:stream/orders/consumer/mine:1700000000",
+            )],
+            "the consumer belongs to stream orders, not to clicks",
+        );
+        let long = "j".repeat(130);
+        bad(
+            &[(&format!("{K}.RetrievalMode"), "FANOUT"), ("job.name", &long)],
+            &format!(
+                "the default enhanced fan-out consumer name of input kinesis.clicks, {long}-1, is \
+                 not valid"
+            ),
+        );
         Ok(())
     }
 

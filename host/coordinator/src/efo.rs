@@ -671,8 +671,8 @@ impl FanOutReader {
 pub enum Source {
     /// `GetRecords`.
     Polling(ShardReader),
-    /// `SubscribeToShard`.
-    FanOut(FanOutReader),
+    /// `SubscribeToShard` (boxed: it holds the live subscription).
+    FanOut(Box<FanOutReader>),
 }
 
 impl Source {
@@ -693,7 +693,7 @@ impl Source {
         Ok(match fan_out {
             Some(fan_out) => {
                 let arn = fan_out.consumer_arn(&client, stream).await?.to_owned();
-                Self::FanOut(FanOutReader::new(
+                Self::FanOut(Box::new(FanOutReader::new(
                     client,
                     stream,
                     shard_id,
@@ -701,7 +701,7 @@ impl Source {
                     checkpoint,
                     at_timestamp,
                     fan_out.resubscribe_interval(),
-                ))
+                )))
             }
             None => Self::Polling(
                 ShardReader::new(client, stream, shard_id, checkpoint, at_timestamp, max_records)
