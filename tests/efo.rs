@@ -198,7 +198,7 @@ fn two_hosts_registering_the_consumer_at_once_share_it() {
     let (arn_a, arn_b) = rt().block_on(async {
         let (a, b) =
             tokio::join!(a.consumer_arn(&c.kinesis, stream), b.consumer_arn(&c.kinesis, stream));
-        (a.map(str::to_owned), b.map(str::to_owned))
+        (a, b)
     });
     let arn_a = arn_a.expect("the first registration succeeds");
     let arn_b = arn_b.expect("the concurrent registration succeeds too");
@@ -207,8 +207,7 @@ fn two_hosts_registering_the_consumer_at_once_share_it() {
     assert_eq!(consumers(&c, stream), vec!["shared-consumer".to_owned()]);
     // An existing consumer given by its ARN is used as it is.
     let by_arn = FanOut::new("ignored", Some(arn_a.clone()), Duration::from_secs(290));
-    let arn =
-        rt().block_on(async { by_arn.consumer_arn(&c.kinesis, stream).await.map(str::to_owned) });
+    let arn = rt().block_on(async { by_arn.consumer_arn(&c.kinesis, stream).await });
     assert_eq!(arn.expect("an existing consumer"), arn_a);
     assert_eq!(consumers(&c, stream), vec!["shared-consumer".to_owned()]);
 }

@@ -19,9 +19,16 @@
 //!   this shard is still alive on the service's side), `LimitExceededException`, throttling,
 //!   internal failures and network errors. Others stop the shard on this host.
 //!
+//! Metrics (through the [`metrics`] facade, labelled with the `stream`):
+//! `kinesis_host_efo_subscriptions_total` counts subscriptions that delivered their first
+//! event, `kinesis_host_efo_subscription_errors_total` (also labelled `error`:
+//! `resource_in_use`, `limit_exceeded`, `throttled`, `other`) the retried failures. Records and
+//! `MillisBehindLatest` go through the same processor metrics as polling.
+//!
 //! [`Source`] is what the worker reads from: either this reader or the polling one, so that
 //! de-aggregation, processing and checkpoints are one code path for both.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use aws_sdk_kinesis::Client;
@@ -30,7 +37,7 @@ use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::{
     ConsumerStatus, Record, ShardIteratorType, StartingPosition, SubscribeToShardEventStream,
 };
-use tokio::sync::OnceCell;
+use tokio::sync::Mutex;
 
 use crate::checkpoint::Checkpoint;
 use crate::reader::{ChildShard, Fetch, ReadError, ShardReader, list_shards};
@@ -116,7 +123,8 @@ pub struct FanOut {
     consumer_name: String,
     consumer_arn: Option<String>,
     resubscribe_interval: Duration,
-    resolved: OnceCell<String>,
+    /// The consumer's ARN once found (forgotten when Kinesis no longer knows it).
+    resolved: Mutex<Option<String>>,
 }
 
 impl FanOut {
@@ -133,7 +141,7 @@ impl FanOut {
             consumer_arn,
             resubscribe_interval: resubscribe_interval
                 .clamp(Duration::from_millis(100), SUBSCRIPTION_LIFETIME),
-            resolved: OnceCell::new(),
+            resolved: Mutex::new(None),
         }
     }
 
@@ -145,21 +153,32 @@ impl FanOut {
     /// The consumer's ARN, once it is `ACTIVE`: the configured consumer, or the one named
     /// `consumer_name` on `stream`, registered when it does not exist. A registration by
     /// another host at the same time is no error: both use the one consumer. Resolved once;
-    /// later calls return the same ARN.
+    /// later calls return the same ARN until [`forget`](Self::forget).
     ///
     /// # Errors
     /// When the consumer cannot be described or registered, or does not become `ACTIVE` within
     /// five minutes.
-    pub async fn consumer_arn(&self, client: &Client, stream: &str) -> Result<&str, EfoError> {
-        self.resolved
-            .get_or_try_init(|| async {
-                match &self.consumer_arn {
-                    Some(arn) => wait_active(client, stream, arn).await.map(|()| arn.clone()),
-                    None => register(client, stream, &self.consumer_name).await,
-                }
-            })
-            .await
-            .map(String::as_str)
+    pub async fn consumer_arn(&self, client: &Client, stream: &str) -> Result<String, EfoError> {
+        let mut resolved = self.resolved.lock().await;
+        if let Some(arn) = resolved.as_ref() {
+            return Ok(arn.clone());
+        }
+        let arn = match &self.consumer_arn {
+            Some(arn) => wait_active(client, stream, arn).await.map(|()| arn.clone())?,
+            None => register(client, stream, &self.consumer_name).await?,
+        };
+        *resolved = Some(arn.clone());
+        Ok(arn)
+    }
+
+    /// Forgets `arn` (Kinesis answered that it does not know it: the consumer was
+    /// deregistered), so that the next shard to start finds or registers the consumer again.
+    pub async fn forget(&self, arn: &str) {
+        let mut resolved = self.resolved.lock().await;
+        if resolved.as_deref() == Some(arn) {
+            tracing::info!(arn, "Enhanced fan-out consumer not found; it is looked up again.");
+            *resolved = None;
+        }
     }
 }
 
@@ -339,10 +358,10 @@ impl Failure {
 #[derive(Debug)]
 pub struct FanOutReader {
     client: Client,
+    fan_out: Arc<FanOut>,
     stream: String,
     shard_id: String,
     consumer_arn: String,
-    resubscribe_interval: Duration,
     at_timestamp: Option<SystemTime>,
     position: Position,
     /// Everything at or below this was processed: records up to it are dropped.
@@ -359,23 +378,23 @@ pub struct FanOutReader {
 }
 
 impl FanOutReader {
-    /// A reader of `shard_id` through consumer `consumer_arn`, from `checkpoint`. It subscribes
-    /// at its first [`fetch`](Self::fetch).
+    /// A reader of `shard_id` through `fan_out`'s consumer, whose ARN is `consumer_arn`, from
+    /// `checkpoint`. It subscribes at its first [`fetch`](Self::fetch).
     pub fn new(
         client: Client,
+        fan_out: Arc<FanOut>,
+        consumer_arn: &str,
         stream: &str,
         shard_id: &str,
-        consumer_arn: &str,
         checkpoint: Checkpoint,
         at_timestamp: Option<SystemTime>,
-        resubscribe_interval: Duration,
     ) -> Self {
         Self {
             client,
+            fan_out,
             stream: stream.to_owned(),
             shard_id: shard_id.to_owned(),
             consumer_arn: consumer_arn.to_owned(),
-            resubscribe_interval,
             at_timestamp,
             finished: checkpoint == Checkpoint::ShardEnd,
             position: Position::Checkpoint(checkpoint.clone()),
@@ -478,7 +497,7 @@ impl FanOutReader {
             Ok(output) => {
                 self.subscription = Some(Subscription {
                     output,
-                    renew_at: Instant::now() + self.resubscribe_interval,
+                    renew_at: Instant::now() + self.fan_out.resubscribe_interval,
                     confirmed: false,
                 });
                 Ok(())
@@ -492,7 +511,12 @@ impl FanOutReader {
                     Some(s) if s.is_internal_failure_exception() => Failure::Other,
                     // The consumer or shard is gone, access is denied, the request is wrong:
                     // stop the shard on this host (it is retried later, from the checkpoint).
-                    Some(_) => return Err(self.error(message)),
+                    Some(s) => {
+                        if s.is_resource_not_found_exception() {
+                            self.fan_out.forget(&self.consumer_arn).await;
+                        }
+                        return Err(self.error(message));
+                    }
                     None => Failure::Other,
                 };
                 self.retry(failure, message).await
@@ -581,8 +605,11 @@ impl FanOutReader {
                         Some(s) if s.is_resource_in_use_exception() => Failure::InUse,
                         Some(s) if s.is_kms_throttling_exception() => Failure::Throttled,
                         Some(s) if s.is_internal_failure_exception() => Failure::Other,
-                        Some(_) => {
+                        Some(s) => {
                             self.subscription = None;
+                            if s.is_resource_not_found_exception() {
+                                self.fan_out.forget(&self.consumer_arn).await;
+                            }
                             return Err(self.error(message));
                         }
                         None => Failure::Other,
@@ -683,7 +710,7 @@ impl Source {
     /// When the polling iterator cannot be had, or the consumer cannot be found or registered.
     pub async fn open(
         client: Client,
-        fan_out: Option<&FanOut>,
+        fan_out: Option<&Arc<FanOut>>,
         stream: &str,
         shard_id: &str,
         checkpoint: Checkpoint,
@@ -692,15 +719,15 @@ impl Source {
     ) -> Result<Self, EfoError> {
         Ok(match fan_out {
             Some(fan_out) => {
-                let arn = fan_out.consumer_arn(&client, stream).await?.to_owned();
+                let arn = fan_out.consumer_arn(&client, stream).await?;
                 Self::FanOut(Box::new(FanOutReader::new(
                     client,
+                    fan_out.clone(),
+                    &arn,
                     stream,
                     shard_id,
-                    &arn,
                     checkpoint,
                     at_timestamp,
-                    fan_out.resubscribe_interval(),
                 )))
             }
             None => Self::Polling(

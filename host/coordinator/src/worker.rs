@@ -680,7 +680,7 @@ async fn consume<P: ShardProcessor>(
     tracing::info!(shard = %key, checkpoint = %start, "Processing shard.");
     let mut reader = Source::open(
         kinesis.clone(),
-        config.fan_out.as_deref(),
+        config.fan_out.as_ref(),
         &config.stream,
         &key,
         start.clone(),
