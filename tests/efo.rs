@@ -1,7 +1,8 @@
 //! `kinesis-host run` with enhanced fan-out (`RetrievalMode=FANOUT`) against kinesis-local and
 //! dynalite: the consumer is registered (also by two hosts at once), every record is delivered
 //! exactly once and in order per key across forced re-subscriptions, across a split of the
-//! shard being read, and across a graceful stop and restart.
+//! shard being read, and across a graceful stop and restart; a checkpoint inside a KPL aggregate
+//! resumes with the aggregate's next user record.
 
 #[path = "common/aws.rs"]
 mod aws;
@@ -210,4 +211,105 @@ fn two_hosts_registering_the_consumer_at_once_share_it() {
     let arn = rt().block_on(async { by_arn.consumer_arn(&c.kinesis, stream).await });
     assert_eq!(arn.expect("an existing consumer"), arn_a);
     assert_eq!(consumers(&c, stream), vec!["shared-consumer".to_owned()]);
+}
+
+#[test]
+fn a_checkpoint_inside_a_kpl_aggregate_resumes_with_its_next_user_record() {
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
+        ScalarAttributeType,
+    };
+    use aws_sdk_kinesis::primitives::Blob;
+    use kinesis_host_coordinator::kpl::{AggregateEntry, aggregate};
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output, table) = ("efo-kpl-in", "efo-kpl-out", "efo-kpl-table");
+    create_stream(&c, input, 1);
+    create_stream(&c, output, 1);
+    let users: Vec<(String, String)> =
+        (0..5).map(|i| ("kpl-key".to_owned(), format!("user record {i}"))).collect();
+    let entries: Vec<AggregateEntry<'_>> = users
+        .iter()
+        .map(|(k, d)| AggregateEntry {
+            partition_key: k,
+            explicit_hash_key: None,
+            data: d.as_bytes(),
+        })
+        .collect();
+    let blob = aggregate(&entries);
+    let (shard, seq) = rt().block_on(async {
+        let out = c
+            .kinesis
+            .put_record()
+            .stream_name(input)
+            .partition_key("kpl-key")
+            .data(Blob::new(blob))
+            .send()
+            .await
+            .expect("PutRecord");
+        (out.shard_id().to_owned(), out.sequence_number().to_owned())
+    });
+    // A lease table as a KCL application leaves it: checkpointed after user record 2 of the
+    // aggregate, owned by a worker that is gone.
+    rt().block_on(async {
+        c.dynamodb
+            .create_table()
+            .table_name(table)
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name("leaseKey")
+                    .key_type(KeyType::Hash)
+                    .build()
+                    .expect("key"),
+            )
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name("leaseKey")
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .expect("attribute"),
+            )
+            .billing_mode(BillingMode::PayPerRequest)
+            .send()
+            .await
+            .expect("CreateTable");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let d = c.dynamodb.describe_table().table_name(table).send().await.expect("Describe");
+            if d.table().and_then(|t| t.table_status()).map(|s| s.as_str()) == Some("ACTIVE") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "table {table} never became ACTIVE");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        c.dynamodb
+            .put_item()
+            .table_name(table)
+            .item("leaseKey", AttributeValue::S(shard.clone()))
+            .item("leaseOwner", AttributeValue::S("java-kcl-worker-gone".into()))
+            .item("leaseCounter", AttributeValue::N("41".into()))
+            .item("ownerSwitchesSinceCheckpoint", AttributeValue::N("0".into()))
+            .item("checkpoint", AttributeValue::S(seq.clone()))
+            .item("checkpointSubSequenceNumber", AttributeValue::N("2".into()))
+            .send()
+            .await
+            .expect("PutItem");
+    });
+    let extra = format!(
+        "{}systems.kinesis.aws.kcl.TableName={table}\nsystems.kinesis.aws.kcl.FailoverTimeMillis=3000\n",
+        fan_out(290_000)
+    );
+    let config = job_properties(dir.path(), "efo-kpl", input, output, &extra);
+    let log = dir.path().join("host.log");
+    let host = Host::start(&config, &log);
+    let got = wait_for_records(&c, output, 2, &log);
+    // A record written now comes after them, once.
+    put(&c, input, &[("kpl-key".to_owned(), "plain record".to_owned())]);
+    let got_after = wait_for_records(&c, output, 3, &log);
+    assert!(host.stop().success(), "log:\n{}", log_text(&log));
+    assert_eq!(got, users[3..].to_vec(), "log:\n{}", log_text(&log));
+    let mut expected = users[3..].to_vec();
+    expected.push(("kpl-key".to_owned(), "plain record".to_owned()));
+    assert_eq!(got_after, expected, "log:\n{}", log_text(&log));
+    assert!(log_text(&log).contains("Subscribed to shard."), "fan-out was used");
 }
