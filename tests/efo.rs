@@ -65,6 +65,24 @@ fn put_slowly(
     sent
 }
 
+/// The sum of the samples of metric `name` for input `stream`, from the host's `/metrics`.
+fn metric(address: &str, name: &str, stream: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut connection = std::net::TcpStream::connect(address).expect("connect to metrics.address");
+    connection.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    write!(connection, "GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n").expect("request");
+    let mut answer = String::new();
+    connection.read_to_string(&mut answer).expect("the answer");
+    let label = format!("stream=\"{stream}\"");
+    answer
+        .lines()
+        .filter_map(|line| {
+            let (labels, value) = line.strip_prefix(name)?.strip_prefix('{')?.split_once("} ")?;
+            labels.split(',').any(|l| l == label).then(|| value.trim().parse::<f64>().ok())?
+        })
+        .sum()
+}
+
 fn log_text(log: &std::path::Path) -> String {
     std::fs::read_to_string(log).unwrap_or_default()
 }
@@ -78,7 +96,13 @@ fn every_record_once_and_in_order_across_forced_resubscriptions() {
     create_stream(&c, output, 1);
     let before = numbered(4, 2, 0);
     put(&c, input, &before);
-    let config = job_properties(dir.path(), "efo-resub", input, output, &fan_out(2000));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    let extra = format!("{}metrics.address={address}\n", fan_out(2000));
+    let config = job_properties(dir.path(), "efo-resub", input, output, &extra);
     let log = dir.path().join("host.log");
     let host = Host::start(&config, &log);
     wait_for_records(&c, output, before.len(), &log);
@@ -89,11 +113,15 @@ fn every_record_once_and_in_order_across_forced_resubscriptions() {
     // Each shard subscribed at least three times: the first and two or more replacements.
     wait_for_log(&log, "Subscribed to shard.", 6);
     let after = read_all(&c, output);
+    let subscriptions = metric(&address, "kinesis_host_efo_subscriptions_total", input);
+    let processed = metric(&address, "kinesis_host_records_processed_total", input);
     let status = host.stop();
     assert!(status.success(), "exit {status}; log:\n{}", log_text(&log));
     assert_eq!(got.len(), sent.len(), "each record exactly once; log:\n{}", log_text(&log));
     assert_eq!(after.len(), sent.len(), "nothing delivered again later");
     assert_eq!(by_key(&got), by_key(&sent), "in order per key");
+    assert!(subscriptions >= 6.0, "kinesis_host_efo_subscriptions_total {subscriptions}");
+    assert_eq!(processed, sent.len() as f64, "kinesis_host_records_processed_total");
     assert!(
         log_text(&log).contains("Replacing the subscription before it expires."),
         "the subscriptions were replaced by the host:\n{}",
