@@ -280,7 +280,8 @@ const KCL_USED: &[&str] = &[
     "ResubscribeIntervalMillis",
 ];
 
-/// `ResubscribeIntervalMillis` when not set: just under the five minutes a subscription lives.
+/// `ResubscribeIntervalMillis` when not set: just under the five minutes a subscription lives,
+/// so the host opens the next one before Kinesis ends the current one.
 pub const DEFAULT_RESUBSCRIBE_INTERVAL: Duration = Duration::from_millis(290_000);
 /// The longest `ResubscribeIntervalMillis`: Kinesis ends a subscription after five minutes.
 const MAX_RESUBSCRIBE_MILLIS: u64 = 300_000;

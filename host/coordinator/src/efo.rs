@@ -45,9 +45,6 @@ use crate::sdk_error::message as sdk_message;
 
 /// A subscription lives at most this long on Kinesis' side.
 pub const SUBSCRIPTION_LIFETIME: Duration = Duration::from_secs(300);
-/// The default interval after which a subscription is replaced: just under its lifetime, so
-/// the new one is opened by this host rather than after Kinesis ended the old one.
-pub const DEFAULT_RESUBSCRIBE_INTERVAL: Duration = Duration::from_secs(290);
 /// How long a registered consumer may take to become `ACTIVE`.
 const CONSUMER_ACTIVE_TIMEOUT: Duration = Duration::from_secs(300);
 /// A subscription that delivers no event for this long is taken for dead and replaced (Kinesis
