@@ -2,7 +2,8 @@
 //! dynalite: the consumer is registered (also by two hosts at once), every record is delivered
 //! exactly once and in order per key across forced re-subscriptions, across a split of the
 //! shard being read, and across a graceful stop and restart; a checkpoint inside a KPL aggregate
-//! resumes with the aggregate's next user record.
+//! resumes with the aggregate's next user record; a consumer deregistered under a running job
+//! is registered again.
 
 #[path = "common/aws.rs"]
 mod aws;
@@ -340,4 +341,43 @@ fn a_checkpoint_inside_a_kpl_aggregate_resumes_with_its_next_user_record() {
     expected.push(("kpl-key".to_owned(), "plain record".to_owned()));
     assert_eq!(got_after, expected, "log:\n{}", log_text(&log));
     assert!(log_text(&log).contains("Subscribed to shard."), "fan-out was used");
+}
+
+#[test]
+fn a_consumer_deregistered_while_the_job_runs_is_registered_again() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("efo-dereg-in", "efo-dereg-out");
+    create_stream(&c, input, 1);
+    create_stream(&c, output, 1);
+    // Short failover: a stopped shard is retried after twice this.
+    let extra = format!("{}systems.kinesis.aws.kcl.FailoverTimeMillis=3000\n", fan_out(2000));
+    let config = job_properties(dir.path(), "efo-dereg", input, output, &extra);
+    let log = dir.path().join("host.log");
+    let host = Host::start(&config, &log);
+    let first = numbered(4, 2, 0);
+    put(&c, input, &first);
+    wait_for_records(&c, output, first.len(), &log);
+    rt().block_on(async {
+        let summary =
+            c.kinesis.describe_stream_summary().stream_name(input).send().await.expect("Describe");
+        let arn = summary.stream_description_summary().expect("summary").stream_arn().to_owned();
+        c.kinesis
+            .deregister_stream_consumer()
+            .stream_arn(arn)
+            .consumer_name("efo-dereg-1")
+            .send()
+            .await
+            .expect("DeregisterStreamConsumer");
+    });
+    let second = numbered(4, 2, 2);
+    put(&c, input, &second);
+    let mut sent = first.clone();
+    sent.extend(second);
+    let got = wait_for_records(&c, output, sent.len(), &log);
+    wait_for_log(&log, "Registered the enhanced fan-out consumer.", 2);
+    assert!(host.stop().success(), "log:\n{}", log_text(&log));
+    assert_eq!(got.len(), sent.len(), "each record exactly once; log:\n{}", log_text(&log));
+    assert_eq!(by_key(&got), by_key(&sent));
+    assert_eq!(consumers(&c, input), vec!["efo-dereg-1".to_owned()], "registered again");
 }
