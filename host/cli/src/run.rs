@@ -9,6 +9,7 @@ use kinesis_host_coordinator::aws::{
     AwsClients, AwsSettings as CoordAws, HttpProxy, InvalidProxy, StaticKeys,
 };
 use kinesis_host_coordinator::checkpoint::Checkpoint;
+use kinesis_host_coordinator::efo::FanOut;
 use kinesis_host_coordinator::lease::{Billing, LeaseTable};
 use kinesis_host_coordinator::output::{OutputRecord, Producer};
 use kinesis_host_coordinator::worker::{
@@ -24,7 +25,7 @@ use crate::metrics::{
     RECORDS_PROCESSED,
 };
 use crate::pipeline::{DeadLetter, GiveUp, ShardWorker, Sink};
-use crate::samza::{AwsSettings, BillingMode, InitialPosition, InputStream, RunConfig};
+use crate::samza::{AwsSettings, BillingMode, InitialPosition, InputStream, Retrieval, RunConfig};
 
 /// Converts the job's AWS settings for the coordinator.
 ///
@@ -91,6 +92,12 @@ pub fn worker_config(run: &RunConfig, input: &InputStream, worker_id: &str) -> W
                 read: i64::try_from(read).unwrap_or(i64::MAX),
                 write: i64::try_from(write).unwrap_or(i64::MAX),
             },
+        },
+        fan_out: match &kcl.retrieval {
+            Retrieval::Polling => None,
+            Retrieval::FanOut { consumer_name, consumer_arn, resubscribe_interval } => Some(
+                Arc::new(FanOut::new(consumer_name, consumer_arn.clone(), *resubscribe_interval)),
+            ),
         },
     }
 }

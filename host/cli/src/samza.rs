@@ -185,6 +185,9 @@ pub struct KclSettings {
     /// `BillingMode` with `InitialLeaseTableReadCapacity` / `InitialLeaseTableWriteCapacity`:
     /// used only when this host creates the lease table.
     pub billing_mode: BillingMode,
+    /// `RetrievalMode` with `ConsumerName`, `ConsumerArn` and `ResubscribeIntervalMillis`:
+    /// polling (`GetRecords`) or enhanced fan-out (`SubscribeToShard`).
+    pub retrieval: Retrieval,
 }
 
 impl KclSettings {
@@ -203,8 +206,27 @@ impl KclSettings {
             max_leases_to_steal_at_one_time: 1,
             parent_shard_poll_interval: Duration::from_millis(10_000),
             billing_mode: BillingMode::PayPerRequest,
+            retrieval: Retrieval::Polling,
         }
     }
+}
+
+/// How an input's shards are read (`RetrievalMode`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Retrieval {
+    /// `POLLING`: `GetRecords` (the default).
+    Polling,
+    /// `FANOUT`: enhanced fan-out, `SubscribeToShard` through a registered stream consumer.
+    FanOut {
+        /// `ConsumerName` (default `<job.name>-<job.id>`): the consumer registered on the
+        /// stream, or found there.
+        consumer_name: String,
+        /// `ConsumerArn`: an existing consumer to use instead (never registered by this host).
+        consumer_arn: Option<String>,
+        /// `ResubscribeIntervalMillis`: when a subscription is replaced (Kinesis ends each one
+        /// after five minutes).
+        resubscribe_interval: Duration,
+    },
 }
 
 /// Where a shard with no checkpoint starts.
@@ -252,7 +274,21 @@ const KCL_USED: &[&str] = &[
     "RegionName",
     "KinesisEndpoint",
     "DynamoDBEndpoint",
+    "RetrievalMode",
+    "ConsumerName",
+    "ConsumerArn",
+    "ResubscribeIntervalMillis",
 ];
+
+/// `ResubscribeIntervalMillis` when not set: just under the five minutes a subscription lives,
+/// so the host opens the next one before Kinesis ends the current one.
+pub const DEFAULT_RESUBSCRIBE_INTERVAL: Duration = Duration::from_millis(290_000);
+/// The longest `ResubscribeIntervalMillis`: Kinesis ends a subscription after five minutes.
+const MAX_RESUBSCRIBE_MILLIS: u64 = 300_000;
+/// Settings that only polling reads.
+const POLLING_ONLY: &[&str] = &["MaxRecords", "IdleTimeBetweenReadsInMillis"];
+/// Settings that only enhanced fan-out reads.
+const FANOUT_ONLY: &[&str] = &["ConsumerName", "ConsumerArn", "ResubscribeIntervalMillis"];
 
 /// The type a KCL setting has in Java, for settings accepted but not acted on.
 #[derive(Debug, Clone, Copy)]
@@ -853,7 +889,65 @@ impl<'a> Parser<'a> {
                 .unwrap_or(kcl.call_process_records_even_for_empty_list);
         kcl.cleanup_leases_upon_shard_completion = flag("CleanupLeasesUponShardCompletion")?
             .unwrap_or(kcl.cleanup_leases_upon_shard_completion);
+        kcl.retrieval = self.retrieval(scope, job_name, job_id)?;
         Ok((kcl, table_key))
+    }
+
+    /// `RetrievalMode` and the fan-out settings; settings of the mode not in use are warned
+    /// about, since they do nothing.
+    fn retrieval(
+        &mut self,
+        scope: Scope<'_>,
+        job_name: &str,
+        job_id: &str,
+    ) -> Result<Retrieval, ConfigError> {
+        let fan_out = self.get(&scope.kcl_keys("RetrievalMode"), retrieval_mode)?.unwrap_or(false);
+        let name = self.first(&scope.kcl_keys("ConsumerName"), consumer_name)?;
+        let arn = self.first(&scope.kcl_keys("ConsumerArn"), |v| consumer_arn(v, scope.stream))?;
+        let interval = self.get(&scope.kcl_keys("ResubscribeIntervalMillis"), |v| {
+            millis(v, 1000, MAX_RESUBSCRIBE_MILLIS)
+        })?;
+        let unused = if fan_out { POLLING_ONLY } else { FANOUT_ONLY };
+        for setting in unused {
+            let set: Vec<String> =
+                scope.kcl_keys(setting).into_iter().filter(|k| self.value(k).is_some()).collect();
+            for key in set {
+                let mode = if fan_out { "FANOUT" } else { "POLLING" };
+                self.warn(format!(
+                    "{key} is ignored: {setting} does not apply to RetrievalMode {mode}{}",
+                    if fan_out { "" } else { " (the default; set RetrievalMode=FANOUT)" }
+                ));
+            }
+        }
+        if !fan_out {
+            return Ok(Retrieval::Polling);
+        }
+        if let (Some((name_key, _)), Some((arn_key, _))) = (&name, &arn) {
+            self.warn(format!("{name_key} is ignored: {arn_key} names the consumer to use"));
+        }
+        let consumer_name = match name {
+            Some((_, name)) => name,
+            None => {
+                let name = format!("{job_name}-{job_id}");
+                consumer_name(&name).map_err(|problem| {
+                    self.invalid(
+                        "job.name",
+                        format!(
+                            "the default enhanced fan-out consumer name of input {}.{}, {name}, is \
+                             not valid ({problem}); change job.name or job.id, or set {}",
+                            scope.system,
+                            scope.stream,
+                            scope.kcl_keys("ConsumerName")[0]
+                        ),
+                    )
+                })?
+            }
+        };
+        Ok(Retrieval::FanOut {
+            consumer_name,
+            consumer_arn: arn.map(|(_, arn)| arn),
+            resubscribe_interval: interval.unwrap_or(DEFAULT_RESUBSCRIBE_INTERVAL),
+        })
     }
 
     fn initial_position(&mut self, scope: Scope<'_>) -> Result<InitialPosition, ConfigError> {
@@ -1018,6 +1112,51 @@ fn start(raw: &str) -> Result<Start, String> {
         "TRIM_HORIZON" => Ok(Start::TrimHorizon),
         "AT_TIMESTAMP" => Ok(Start::AtTimestamp),
         _ => Err("expected LATEST, TRIM_HORIZON or AT_TIMESTAMP".to_owned()),
+    }
+}
+
+/// `true` for enhanced fan-out.
+fn retrieval_mode(raw: &str) -> Result<bool, String> {
+    match raw.trim().to_ascii_uppercase().as_str() {
+        "POLLING" => Ok(false),
+        "FANOUT" => Ok(true),
+        _ => Err("expected POLLING or FANOUT".to_owned()),
+    }
+}
+
+/// A stream consumer's name, as Kinesis accepts it.
+fn consumer_name(raw: &str) -> Result<String, String> {
+    let name = raw.trim();
+    if (1..=128).contains(&name.len()) && name.chars().all(is_name_char) {
+        Ok(name.to_owned())
+    } else {
+        Err(format!("expected a stream consumer name: {STREAM_RULE}"))
+    }
+}
+
+/// A consumer ARN of `stream`:
+/// `arn:<partition>:kinesis:<region>:<account>:stream/<stream>/consumer/<name>:<created>`.
+fn consumer_arn(raw: &str, stream: &str) -> Result<String, String> {
+    let arn = raw.trim();
+    let help = format!(
+        "expected the ARN of a consumer of stream {stream}, such as \
+         arn:aws:kinesis:us-east-1:123456789012:stream/{stream}/consumer/my-consumer:1700000000"
+    );
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    let resource = match parts.as_slice() {
+        ["arn", partition, "kinesis", region, account, resource]
+            if !partition.is_empty() && !region.is_empty() && !account.is_empty() =>
+        {
+            *resource
+        }
+        _ => return Err(help),
+    };
+    match resource.strip_prefix("stream/").and_then(|r| r.split_once("/consumer/")) {
+        Some((named, consumer)) if named == stream && !consumer.is_empty() => Ok(arn.to_owned()),
+        Some((named, _)) if !named.is_empty() && named != stream => {
+            Err(format!("the consumer belongs to stream {named}, not to {stream}; {help}"))
+        }
+        _ => Err(help),
     }
 }
 
@@ -1742,6 +1881,113 @@ mod tests {
             ]
         );
         assert!(warnings.iter().all(|w| !w.contains(SECRET)));
+        Ok(())
+    }
+
+    #[test]
+    fn retrieval_mode_fanout_with_its_consumer_settings() -> Result<(), ConfigError> {
+        const K: &str = "systems.kinesis.aws.kcl";
+        const S: &str = "systems.kinesis.streams.clicks.aws.kcl";
+        assert_eq!(parse(&[])?.0.inputs[0].kcl.retrieval, Retrieval::Polling);
+        let polling = parse(&[(&format!("{K}.RetrievalMode"), "polling")])?;
+        assert_eq!(polling.0.inputs[0].kcl.retrieval, Retrieval::Polling);
+
+        // FANOUT: the consumer is named after the job unless ConsumerName says otherwise.
+        let (config, warnings) =
+            parse(&[(&format!("{K}.RetrievalMode"), "FANOUT"), ("job.id", "7")])?;
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(
+            config.inputs[0].kcl.retrieval,
+            Retrieval::FanOut {
+                consumer_name: "clicks-job-7".to_owned(),
+                consumer_arn: None,
+                resubscribe_interval: DEFAULT_RESUBSCRIBE_INTERVAL,
+            }
+        );
+        let arn = "arn:aws:kinesis:us-east-1:123456789012:stream/clicks/consumer/mine:1700000000";
+        let (config, warnings) = parse(&[
+            (&format!("{K}.RetrievalMode"), "fanout"),
+            (&format!("{S}.ConsumerName"), "my-app"),
+            (&format!("{S}.ResubscribeIntervalMillis"), "60000"),
+        ])?;
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(
+            config.inputs[0].kcl.retrieval,
+            Retrieval::FanOut {
+                consumer_name: "my-app".to_owned(),
+                consumer_arn: None,
+                resubscribe_interval: Duration::from_secs(60),
+            }
+        );
+        let (config, warnings) = parse(&[
+            (&format!("{K}.RetrievalMode"), "FANOUT"),
+            (&format!("{K}.ConsumerName"), "my-app"),
+            (&format!("{S}.ConsumerArn"), arn),
+            (&format!("{K}.MaxRecords"), "100"),
+        ])?;
+        assert!(matches!(
+            &config.inputs[0].kcl.retrieval,
+            Retrieval::FanOut { consumer_arn: Some(a), .. } if a == arn
+        ));
+        let expected = [
+            format!("{K}.MaxRecords is ignored: MaxRecords does not apply to RetrievalMode FANOUT"),
+            format!("{K}.ConsumerName is ignored: {S}.ConsumerArn names the consumer to use"),
+        ]
+        .map(|w| format!("job.properties: {w}"));
+        assert_eq!(warnings, expected);
+
+        // Fan-out settings without FANOUT do nothing, and say so.
+        let warnings = self::warnings(&[(&format!("{K}.ConsumerName"), "my-app")])?;
+        assert_eq!(
+            warnings,
+            [format!(
+                "job.properties: {K}.ConsumerName is ignored: ConsumerName does not apply to \
+                 RetrievalMode POLLING (the default; set RetrievalMode=FANOUT)"
+            )]
+        );
+        // A misspelt key gets the nearest one.
+        let warnings = self::warnings(&[(&format!("{K}.RetreivalMode"), "FANOUT")])?;
+        assert!(
+            warnings.iter().any(|w| w.contains(&format!("did you mean {K}.RetrievalMode?"))),
+            "{warnings:?}"
+        );
+
+        // Bad values name the key, the value and what is accepted.
+        let bad = |pairs: &[(&str, &str)], expected: &str| {
+            let message = error(pairs).to_string();
+            assert!(message.contains(expected), "{message}");
+        };
+        bad(
+            &[(&format!("{K}.RetrievalMode"), "PUSH")],
+            "RetrievalMode=PUSH is not valid: expected POLLING or FANOUT",
+        );
+        bad(
+            &[
+                (&format!("{K}.RetrievalMode"), "FANOUT"),
+                (&format!("{K}.ResubscribeIntervalMillis"), "300001"),
+            ],
+            "ResubscribeIntervalMillis=300001 is not valid: expected a whole number of milliseconds from 1000 to 300000",
+        );
+        bad(&[(&format!("{K}.ConsumerName"), "my app")], "expected a stream consumer name");
+        bad(
+            &[(&format!("{K}.ConsumerArn"), "mine")],
+            "expected the ARN of a consumer of stream clicks",
+        );
+        bad(
+            &[(
+                &format!("{K}.ConsumerArn"),
+                "arn:aws:kinesis:us-east-1:123456789012:stream/orders/consumer/mine:1700000000",
+            )],
+            "the consumer belongs to stream orders, not to clicks",
+        );
+        let long = "j".repeat(130);
+        bad(
+            &[(&format!("{K}.RetrievalMode"), "FANOUT"), ("job.name", &long)],
+            &format!(
+                "the default enhanced fan-out consumer name of input kinesis.clicks, {long}-1, is \
+                 not valid"
+            ),
+        );
         Ok(())
     }
 

@@ -256,6 +256,62 @@ mod tests {
         );
     }
 
+    /// The TLS ClientHello that `client` sends for `SubscribeToShard` to a local listener.
+    async fn client_hello(max_connections: Option<NonZeroUsize>) -> Vec<u8> {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let port = listener.local_addr().expect("address").port();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("a connection");
+            stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+            let mut hello = vec![0; 4096];
+            let n = stream.read(&mut hello).expect("a ClientHello");
+            hello.truncate(n);
+            hello
+        });
+        let settings = AwsSettings {
+            region: Some("us-east-1".into()),
+            keys: Some(StaticKeys { access_key_id: "a".into(), secret_access_key: "b".into() }),
+            kinesis_endpoint: Some(format!("https://127.0.0.1:{port}")),
+            connect_timeout: Some(Duration::from_secs(5)),
+            read_timeout: Some(Duration::from_secs(5)),
+            max_connections,
+            ..AwsSettings::default()
+        };
+        let clients = AwsClients::new(&settings).await;
+        let position = aws_sdk_kinesis::types::StartingPosition::builder()
+            .r#type(aws_sdk_kinesis::types::ShardIteratorType::Latest)
+            .build()
+            .expect("a starting position");
+        let sent = clients
+            .kinesis
+            .subscribe_to_shard()
+            .consumer_arn("arn:aws:kinesis:us-east-1:1:stream/s/consumer/c:1")
+            .shard_id("shardId-000000000000")
+            .starting_position(position)
+            .send()
+            .await;
+        assert!(sent.is_err(), "the listener speaks no TLS");
+        server.join().expect("listener thread")
+    }
+
+    /// Kinesis serves `SubscribeToShard` over HTTP/2 only: both clients offer `h2` by ALPN in
+    /// their TLS handshake (the SDK's default one, and the pool built for `MaxConnections` or a
+    /// proxy). Plain `http://` endpoints (kinesis-local) get HTTP/1.1.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn subscribe_to_shard_offers_http2_over_tls() {
+        // The ALPN extension's protocol list: "h2", then "http/1.1".
+        let alpn: &[u8] = b"\x02h2\x08http/1.1";
+        for limit in [None, NonZeroUsize::new(4)] {
+            let hello = client_hello(limit).await;
+            assert_eq!(hello.first(), Some(&0x16), "a TLS handshake record: {hello:?}");
+            assert!(
+                hello.windows(alpn.len()).any(|w| w == alpn),
+                "no h2 in the ALPN offer (MaxConnections {limit:?}): {hello:?}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn the_default_client_is_kept_unless_a_proxy_or_limit_is_set() {
         assert!(http_client(&AwsSettings::default()).is_none());

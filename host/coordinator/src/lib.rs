@@ -6,6 +6,7 @@
 
 pub mod aws;
 pub mod checkpoint;
+pub mod efo;
 pub mod kpl;
 pub mod lease;
 pub mod output;

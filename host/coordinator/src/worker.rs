@@ -12,9 +12,10 @@ use tokio::sync::{Mutex, Notify, watch};
 use tokio::task::JoinSet;
 
 use crate::checkpoint::Checkpoint;
+use crate::efo::{EfoError, FanOut, Source};
 use crate::kpl;
 use crate::lease::{Billing, Lease, LeaseError, LeaseTable};
-use crate::reader::{ReadError, ShardReader, list_shards};
+use crate::reader::{ReadError, list_shards};
 
 /// A user record ready for a task: de-aggregated, in shard order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +100,8 @@ pub struct WorkerConfig {
     pub commit_interval: Duration,
     /// Billing of the lease table, when this host creates it.
     pub billing: Billing,
+    /// Enhanced fan-out (`SubscribeToShard`) instead of polling, when set.
+    pub fan_out: Option<Arc<FanOut>>,
 }
 
 /// Why the worker stopped.
@@ -110,6 +113,9 @@ pub enum WorkerError {
     /// Kinesis failed.
     #[error(transparent)]
     Read(#[from] ReadError),
+    /// The enhanced fan-out consumer could not be found or registered.
+    #[error(transparent)]
+    FanOut(#[from] EfoError),
 }
 
 /// A lease this host holds, shared by the renewer and the shard's task. Both write under the
@@ -174,6 +180,9 @@ pub async fn run_with<F: ProcessorFactory>(
         metrics::gauge!("kinesis_host_leases_held", "stream" => config.stream.clone());
     table.ensure_exists(config.billing, Duration::from_secs(600)).await?;
     sync_shards(&kinesis, &table, &config).await?;
+    if let Some(fan_out) = &config.fan_out {
+        fan_out.consumer_arn(&kinesis, &config.stream).await?;
+    }
     let config = Arc::new(config);
     let held: Arc<std::sync::Mutex<HashMap<String, Arc<Held>>>> = Arc::default();
     let wake = Arc::new(Notify::new());
@@ -636,6 +645,8 @@ enum ShardTaskError {
     #[error(transparent)]
     Read(#[from] ReadError),
     #[error(transparent)]
+    FanOut(#[from] EfoError),
+    #[error(transparent)]
     Lease(#[from] LeaseError),
     #[error("the task stopped: {0}")]
     Processor(#[from] ProcessorError),
@@ -667,8 +678,9 @@ async fn consume<P: ShardProcessor>(
             .and_then(|s| kpl::HashKeyRange::parse(&s.hash_range.0, &s.hash_range.1)),
     };
     tracing::info!(shard = %key, checkpoint = %start, "Processing shard.");
-    let mut reader = ShardReader::new(
+    let mut reader = Source::open(
         kinesis.clone(),
+        config.fan_out.as_ref(),
         &config.stream,
         &key,
         start.clone(),
@@ -687,7 +699,11 @@ async fn consume<P: ShardProcessor>(
             }
             return Ok(Ended::Stopped);
         }
-        let fetch = reader.fetch().await?;
+        // A fetch waits for Kinesis (a fan-out event, a back-off): a stop does not wait for it.
+        let fetch = tokio::select! {
+            _ = stop.changed() => continue,
+            fetch = reader.fetch() => fetch?,
+        };
         let fetched = !fetch.records.is_empty();
         let mut records = Vec::new();
         for record in fetch.records {
@@ -788,7 +804,8 @@ async fn consume<P: ShardProcessor>(
             dirty = false;
             last_commit = Instant::now();
         }
-        if !fetched || config.idle_time_between_reads > Duration::ZERO {
+        // Fan-out pushes events as Kinesis has them: no pause between them.
+        if reader.is_polling() && (!fetched || config.idle_time_between_reads > Duration::ZERO) {
             tokio::select! {
                 _ = stop.changed() => {}
                 () = tokio::time::sleep(config.idle_time_between_reads) => {}
