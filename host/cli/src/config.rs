@@ -121,7 +121,12 @@ pub struct JobConfig {
     /// `metrics.address`: the `host:port` where `run` serves `/metrics`, `/healthz` and
     /// `/readyz`; `None` (absent or empty) serves nothing.
     pub metrics_address: Option<String>,
+    /// `task.limits.state.inline.bytes`: largest state snapshot stored in the lease item itself.
+    pub state_inline_bytes: usize,
 }
+
+/// `task.limits.state.inline.bytes` when the file has none.
+pub const DEFAULT_STATE_INLINE_BYTES: usize = 16 << 10;
 
 impl Default for JobConfig {
     fn default() -> Self {
@@ -133,6 +138,7 @@ impl Default for JobConfig {
             batch: BatchLimits::default(),
             retry: RetryPolicy::default(),
             metrics_address: None,
+            state_inline_bytes: DEFAULT_STATE_INLINE_BYTES,
         }
     }
 }
@@ -161,6 +167,7 @@ const LIMIT_KEYS: &[&str] = &[
     "task.limits.state.key.bytes",
     "task.limits.state.value.bytes",
     "task.limits.state.total.bytes",
+    "task.limits.state.inline.bytes",
     "task.limits.log.bytes.per.second",
     "task.limits.log.line.bytes",
     "task.limits.metric.names",
@@ -310,6 +317,12 @@ impl JobConfig {
                     .to_owned(),
             ),
         };
+        let state_inline_bytes = p.number(
+            "task.limits.state.inline.bytes",
+            DEFAULT_STATE_INLINE_BYTES,
+            0,
+            kinesis_host_coordinator::state::MAX_INLINE_BYTES,
+        )?;
         Ok(Self {
             job_name: p.props.get("job.name").cloned().unwrap_or_else(|| "replay".to_owned()),
             task_config,
@@ -318,6 +331,7 @@ impl JobConfig {
             batch,
             retry,
             metrics_address,
+            state_inline_bytes,
         })
     }
 

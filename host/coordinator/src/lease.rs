@@ -15,6 +15,7 @@ use aws_sdk_dynamodb::types::{
 };
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::state::{StateRef, StateStore, attr as state_attr};
 
 /// KCL's attribute names.
 pub mod attr {
@@ -67,6 +68,8 @@ pub struct Lease {
     pub child_shard_ids: Vec<String>,
     /// The shard's hash key range (decimal strings), when known.
     pub hash_range: Option<(String, String)>,
+    /// The task state committed with the checkpoint (`hostState*` attributes), if any.
+    pub state: Option<StateRef>,
 }
 
 impl Lease {
@@ -81,6 +84,7 @@ impl Lease {
             parent_shard_ids: parents,
             child_shard_ids: Vec::new(),
             hash_range: None,
+            state: None,
         }
     }
 }
@@ -152,6 +156,8 @@ pub enum LeaseError {
 pub struct LeaseTable {
     client: Client,
     table: String,
+    /// Whether the companion state table is known to exist (shared by clones).
+    state_ready: std::sync::Arc<tokio::sync::OnceCell<()>>,
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -167,7 +173,12 @@ use crate::sdk_error::message as sdk_message;
 impl LeaseTable {
     /// The table `table`, reached with `client`.
     pub fn new(client: Client, table: impl Into<String>) -> Self {
-        Self { client, table: table.into() }
+        Self { client, table: table.into(), state_ready: std::sync::Arc::default() }
+    }
+
+    /// The companion table holding the task state snapshots too large to be inline.
+    pub fn state_store(&self) -> StateStore {
+        StateStore::new(self.client.clone(), &self.table, self.state_ready.clone())
     }
 
     /// The table's name.
@@ -376,6 +387,11 @@ impl LeaseTable {
             ("#pendingsub", attr::PENDING_CHECKPOINT_SUB),
             ("#pendingstate", attr::PENDING_CHECKPOINT_STATE),
             ("#children", attr::CHILD_SHARD_IDS),
+            ("#hsinline", state_attr::STATE),
+            ("#hsversion", state_attr::STATE_VERSION),
+            ("#hschunks", state_attr::STATE_CHUNKS),
+            ("#hsbytes", state_attr::STATE_BYTES),
+            ("#hsdigest", state_attr::STATE_DIGEST),
         ] {
             if set.contains(placeholder) {
                 request = request.expression_attribute_names(placeholder, name);
@@ -435,24 +451,56 @@ impl LeaseTable {
         lease: &Lease,
         checkpoint: Checkpoint,
     ) -> Result<Lease, LeaseError> {
+        self.checkpoint_with_state(lease, checkpoint, None).await
+    }
+
+    /// Checkpoints `lease` at `checkpoint` and, with `state`, names the task state that matches
+    /// it, in the same conditional write: the one commit point of checkpoint and state.
+    ///
+    /// # Errors
+    /// As [`LeaseTable::checkpoint`].
+    pub async fn checkpoint_with_state(
+        &self,
+        lease: &Lease,
+        checkpoint: Checkpoint,
+        state: Option<StateRef>,
+    ) -> Result<Lease, LeaseError> {
         let mut updated = lease.clone();
         updated.counter += 1;
         updated.owner_switches_since_checkpoint = 0;
-        let values = vec![
+        let mut values = vec![
             (":cp", s(checkpoint.as_str())),
             (":cpsub", n(checkpoint.sub_sequence_number())),
             (":zero", n(0)),
         ];
         updated.checkpoint = checkpoint;
-        self.update(
-            "UpdateItem (checkpoint)",
-            lease,
-            "SET #counter = :next, #cp = :cp, #cpsub = :cpsub, #switches = :zero \
-             REMOVE #pending, #pendingsub, #pendingstate",
-            values,
-            updated,
-        )
-        .await
+        let set = "SET #counter = :next, #cp = :cp, #cpsub = :cpsub, #switches = :zero";
+        let remove = "REMOVE #pending, #pendingsub, #pendingstate";
+        let expression = match &state {
+            None => format!("{set} {remove}"),
+            Some(StateRef::Inline { data, digest }) => {
+                values.push((":hs", AttributeValue::B(data.clone().into())));
+                values.push((":hsdigest", s(digest)));
+                format!(
+                    "{set}, #hsinline = :hs, #hsdigest = :hsdigest \
+                     {remove}, #hsversion, #hschunks, #hsbytes"
+                )
+            }
+            Some(StateRef::Stored { version, chunks, bytes, digest }) => {
+                values.push((":hsversion", s(version)));
+                values.push((":hschunks", n(u64::from(*chunks))));
+                values.push((":hsbytes", n(*bytes)));
+                values.push((":hsdigest", s(digest)));
+                format!(
+                    "{set}, #hsversion = :hsversion, #hschunks = :hschunks, #hsbytes = :hsbytes, \
+                     #hsdigest = :hsdigest {remove}, #hsinline"
+                )
+            }
+        };
+        if state.is_some() {
+            updated.state = state;
+        }
+        self.update("UpdateItem (checkpoint)", lease, &expression, values, updated).await
     }
 
     /// Records a shard's children on its lease (at shard end).
@@ -562,7 +610,46 @@ impl LeaseTable {
             hash_range: text(attr::STARTING_HASH_KEY)
                 .zip(text(attr::ENDING_HASH_KEY))
                 .map(|(a, b)| (a.to_owned(), b.to_owned())),
+            state: self.parse_state(item, &malformed)?,
             key,
+        }))
+    }
+
+    /// The `hostState*` attributes of a lease item.
+    fn parse_state(
+        &self,
+        item: &HashMap<String, AttributeValue>,
+        malformed: &dyn Fn(String) -> LeaseError,
+    ) -> Result<Option<StateRef>, LeaseError> {
+        let digest = item.get(state_attr::STATE_DIGEST).and_then(|v| v.as_s().ok()).cloned();
+        let number = |name: &str| -> Result<u64, LeaseError> {
+            match item.get(name) {
+                Some(AttributeValue::N(v)) => {
+                    v.parse().map_err(|_| malformed(format!("{name} is {v:?}, not a whole number")))
+                }
+                other => Err(malformed(format!("{name} is {other:?}, not a number"))),
+            }
+        };
+        let Some(digest) = digest else {
+            return Ok(None);
+        };
+        if let Some(AttributeValue::B(data)) = item.get(state_attr::STATE) {
+            return Ok(Some(StateRef::Inline { data: data.clone().into_inner(), digest }));
+        }
+        let Some(version) = item.get(state_attr::STATE_VERSION).and_then(|v| v.as_s().ok()) else {
+            return Err(malformed(format!(
+                "it has {} but neither {} nor {}",
+                state_attr::STATE_DIGEST,
+                state_attr::STATE,
+                state_attr::STATE_VERSION
+            )));
+        };
+        Ok(Some(StateRef::Stored {
+            version: version.clone(),
+            chunks: u32::try_from(number(state_attr::STATE_CHUNKS)?)
+                .map_err(|_| malformed(format!("{} is too large", state_attr::STATE_CHUNKS)))?,
+            bytes: number(state_attr::STATE_BYTES)?,
+            digest,
         }))
     }
 }

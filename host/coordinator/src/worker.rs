@@ -15,6 +15,7 @@ use crate::checkpoint::Checkpoint;
 use crate::kpl;
 use crate::lease::{Billing, Lease, LeaseError, LeaseTable};
 use crate::reader::{ReadError, ShardReader, list_shards};
+use crate::state::{self, StateChange, StateError, StateMap, StateRef};
 
 /// A user record ready for a task: de-aggregated, in shard order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +58,19 @@ pub trait ShardProcessor: Send + 'static {
 
     /// Called once when the shard stops on this host (shutdown, lease lost, shard end).
     fn close(self) -> impl Future<Output = ()> + Send;
+
+    /// Called once before the first `process`: the task state that matches the checkpoint the
+    /// shard resumes from (restored from the lease, or inherited from the parent shards).
+    fn restore_state(&mut self, state: &StateMap) {
+        let _ = state;
+    }
+
+    /// The state changes of the records the last `process` call reported done (also when it
+    /// returned an error with `done` > 0), in order; each call drains them. The worker stores
+    /// the state with the checkpoint after those records.
+    fn take_state_changes(&mut self) -> Vec<StateChange> {
+        Vec::new()
+    }
 }
 
 /// Creates processors.
@@ -99,6 +113,9 @@ pub struct WorkerConfig {
     pub commit_interval: Duration,
     /// Billing of the lease table, when this host creates it.
     pub billing: Billing,
+    /// Largest task state snapshot carried inline in the lease item; a larger one goes to the
+    /// companion table `<lease table>-state` (capped at [`state::MAX_INLINE_BYTES`]).
+    pub state_inline_max_bytes: usize,
 }
 
 /// Why the worker stopped.
@@ -514,7 +531,13 @@ async fn cleanup(table: &LeaseTable, leases: &[Lease], by_key: &HashMap<&str, &L
         let parents_gone = lease.parent_shard_ids.iter().all(|p| !by_key.contains_key(p.as_str()));
         if children_started && parents_gone {
             match table.delete(&lease.key).await {
-                Ok(()) => tracing::info!(lease = %lease.key, "Deleted the finished shard's lease."),
+                Ok(()) => {
+                    tracing::info!(lease = %lease.key, "Deleted the finished shard's lease.");
+                    // Its children committed their own state at their first checkpoint.
+                    if let Err(error) = table.state_store().delete_all(&lease.key).await {
+                        tracing::warn!(lease = %lease.key, %error, "Could not delete the finished shard's state snapshots.");
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(lease = %lease.key, %error, "Could not delete a finished lease.")
                 }
@@ -594,8 +617,35 @@ async fn checkpoint(
     held: &Held,
     at: Checkpoint,
     config: &WorkerConfig,
-) -> Result<bool, LeaseError> {
+    task_state: &mut TaskState,
+) -> Result<bool, ShardTaskError> {
     let stream = config.stream.as_str();
+    // A changed state is written first (to the state table when large, outside the lease lock
+    // so renewals go on); the conditional checkpoint below then names it, or fails and nobody
+    // ever reads it.
+    let prepared = if task_state.dirty {
+        let (key, counter, current) = {
+            let lease = held.lease.lock().await;
+            (lease.key.clone(), lease.counter, lease.checkpoint.clone())
+        };
+        if current >= at && at != Checkpoint::ShardEnd {
+            return Ok(true);
+        }
+        Some(
+            table
+                .state_store()
+                .prepare(
+                    &key,
+                    &task_state.map,
+                    counter,
+                    config.state_inline_max_bytes,
+                    config.billing,
+                )
+                .await?,
+        )
+    } else {
+        None
+    };
     let mut lease = held.lease.lock().await;
     if lease.checkpoint >= at && at != Checkpoint::ShardEnd {
         return Ok(true);
@@ -607,7 +657,8 @@ async fn checkpoint(
         tracing::info!(shard = %lease.key, "Lost lease: not renewed within the failover time, so it cannot checkpoint; stopping the shard.");
         return Ok(false);
     }
-    match table.checkpoint(&lease, at).await {
+    let previous_stored = matches!(lease.state, Some(StateRef::Stored { .. }));
+    match table.checkpoint_with_state(&lease, at, prepared.clone()).await {
         Ok(updated) => {
             let shard = updated.key.clone();
             metrics::counter!(
@@ -617,9 +668,31 @@ async fn checkpoint(
             )
             .increment(1);
             tracing::debug!(shard = %updated.key, checkpoint = %updated.checkpoint, "Checkpointed.");
+            let committed_counter = updated.counter;
             *lease = updated;
             if let Ok(mut r) = held.renewed.lock() {
                 *r = Instant::now();
+            }
+            let key = lease.key.clone();
+            drop(lease);
+            if let Some(prepared) = prepared {
+                task_state.dirty = false;
+                let keep = match &prepared {
+                    StateRef::Stored { version, .. } => Some(version.as_str()),
+                    StateRef::Inline { .. } => None,
+                };
+                // Older versions can no longer be named by anyone: the lease names `keep`,
+                // and a later owner writes versions numbered above `committed_counter`.
+                if previous_stored || keep.is_some() {
+                    match table.state_store().collect_garbage(&key, keep, committed_counter).await {
+                        Ok(deleted) => {
+                            tracing::debug!(shard = %key, deleted, "Deleted superseded state snapshots.");
+                        }
+                        Err(error) => {
+                            tracing::warn!(shard = %key, %error, "Could not delete superseded state snapshots; the next checkpoint tries again.");
+                        }
+                    }
+                }
             }
             Ok(true)
         }
@@ -627,8 +700,53 @@ async fn checkpoint(
             tracing::info!(shard = %lease.key, "Lost lease: cannot checkpoint; stopping the shard.");
             Ok(false)
         }
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
+}
+
+/// A shard's task state as this host holds it: the state matching the records processed so
+/// far, and whether the lease does not name it yet.
+#[derive(Debug, Default)]
+struct TaskState {
+    map: StateMap,
+    dirty: bool,
+}
+
+/// The task state a shard resumes with: the state its lease names (committed with its
+/// checkpoint); for a child shard that has not checkpointed yet, its parents' final states
+/// merged (see [`state::merge_parents`]); otherwise none.
+async fn restore_state(table: &LeaseTable, lease: &Lease) -> Result<TaskState, ShardTaskError> {
+    let store = table.state_store();
+    if let Some(named) = &lease.state {
+        let map = store.load(&lease.key, named).await?;
+        tracing::info!(shard = %lease.key, keys = map.len(), checkpoint = %lease.checkpoint, "Restored the task state of the checkpoint.");
+        return Ok(TaskState { map, dirty: false });
+    }
+    let fresh = matches!(lease.checkpoint, Checkpoint::TrimHorizon | Checkpoint::AtTimestamp);
+    if !fresh || lease.parent_shard_ids.is_empty() {
+        return Ok(TaskState::default());
+    }
+    let mut parents = Vec::new();
+    for parent in &lease.parent_shard_ids {
+        match table.get(parent).await? {
+            Some(p) => {
+                let start =
+                    p.hash_range.as_ref().and_then(|(a, _)| kpl::parse_hash_key(a)).unwrap_or(0);
+                let map = match &p.state {
+                    Some(named) => store.load(parent, named).await?,
+                    None => StateMap::new(),
+                };
+                parents.push((start, map));
+            }
+            None => {
+                tracing::warn!(shard = %lease.key, parent, "The parent shard's lease is gone: the shard starts without the parent's state.");
+            }
+        }
+    }
+    let map = state::merge_parents(parents);
+    tracing::info!(shard = %lease.key, parents = ?lease.parent_shard_ids, keys = map.len(), "Starting from the parent shards' state.");
+    let dirty = !map.is_empty();
+    Ok(TaskState { map, dirty })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -639,6 +757,8 @@ enum ShardTaskError {
     Lease(#[from] LeaseError),
     #[error("the task stopped: {0}")]
     Processor(#[from] ProcessorError),
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 async fn consume<P: ShardProcessor>(
@@ -649,13 +769,15 @@ async fn consume<P: ShardProcessor>(
     processor: &mut P,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Ended, ShardTaskError> {
-    let (key, start, range) = {
+    let (key, start, range, taken) = {
         let lease = held.lease.lock().await;
         let range = lease.hash_range.as_ref().and_then(|(a, b)| {
             Some(kpl::HashKeyRange { start: kpl::parse_hash_key(a)?, end: kpl::parse_hash_key(b)? })
         });
-        (lease.key.clone(), lease.checkpoint.clone(), range)
+        (lease.key.clone(), lease.checkpoint.clone(), range, lease.clone())
     };
+    let mut task_state = restore_state(table, &taken).await?;
+    processor.restore_state(&task_state.map);
     // Leases written by KCL 1.x carry no hash range: take it from the stream (KCL back-fills
     // it the same way), since the de-aggregation filter needs it after resharding.
     let range = match range {
@@ -682,7 +804,7 @@ async fn consume<P: ShardProcessor>(
     let mut dirty = false;
     loop {
         if *stop.borrow() {
-            if dirty && !checkpoint(table, held, done.clone(), config).await? {
+            if dirty && !checkpoint(table, held, done.clone(), config, &mut task_state).await? {
                 return Ok(Ended::Lost);
             }
             return Ok(Ended::Stopped);
@@ -737,6 +859,11 @@ async fn consume<P: ShardProcessor>(
                     ),
                     Err(e) => (e.done.min(count), Some(e)),
                 };
+            let changes = processor.take_state_changes();
+            if !changes.is_empty() {
+                state::apply(&mut task_state.map, changes);
+                task_state.dirty = true;
+            }
             if let Some(last) = processed.checked_sub(1).and_then(|i| records.get(i)) {
                 done = Checkpoint::after(&last.sequence_number, last.sub_sequence_number);
                 reader.processed(done.clone());
@@ -744,14 +871,14 @@ async fn consume<P: ShardProcessor>(
             }
             if let Some(failure) = failure {
                 // Keep what was done, then stop the shard on this host.
-                if dirty && !checkpoint(table, held, done.clone(), config).await? {
+                if dirty && !checkpoint(table, held, done.clone(), config, &mut task_state).await? {
                     return Ok(Ended::Lost);
                 }
                 return Err(failure.into());
             }
         }
         if let Some(children) = fetch.shard_end {
-            if dirty && !checkpoint(table, held, done.clone(), config).await? {
+            if dirty && !checkpoint(table, held, done.clone(), config, &mut task_state).await? {
                 return Ok(Ended::Lost);
             }
             for child in &children {
@@ -775,14 +902,14 @@ async fn consume<P: ShardProcessor>(
                     }
                 }
             }
-            if !checkpoint(table, held, Checkpoint::ShardEnd, config).await? {
+            if !checkpoint(table, held, Checkpoint::ShardEnd, config, &mut task_state).await? {
                 return Ok(Ended::Lost);
             }
             tracing::info!(shard = %key, "Shard finished (SHARD_END).");
             return Ok(Ended::ShardEnd);
         }
         if dirty && last_commit.elapsed() >= config.commit_interval {
-            if !checkpoint(table, held, done.clone(), config).await? {
+            if !checkpoint(table, held, done.clone(), config, &mut task_state).await? {
                 return Ok(Ended::Lost);
             }
             dirty = false;
