@@ -93,6 +93,7 @@ pub fn worker_config(run: &RunConfig, input: &InputStream, worker_id: &str) -> W
             },
         },
         state_inline_max_bytes: crate::config::DEFAULT_STATE_INLINE_BYTES,
+        graceful_handoff_timeout: kcl.graceful_lease_handoff_timeout,
     }
 }
 

@@ -182,6 +182,9 @@ pub struct KclSettings {
     pub max_leases_to_steal_at_one_time: u32,
     /// `ParentShardPollIntervalMillis`: how often a child shard checks that its parents ended.
     pub parent_shard_poll_interval: Duration,
+    /// `GracefulLeaseHandoffTimeoutMillis` (KCL 3.x): how long a host stealing a live lease
+    /// waits for the owner to hand it over; zero steals at once.
+    pub graceful_lease_handoff_timeout: Duration,
     /// `BillingMode` with `InitialLeaseTableReadCapacity` / `InitialLeaseTableWriteCapacity`:
     /// used only when this host creates the lease table.
     pub billing_mode: BillingMode,
@@ -202,6 +205,7 @@ impl KclSettings {
             max_leases_for_worker: JAVA_INT_MAX,
             max_leases_to_steal_at_one_time: 1,
             parent_shard_poll_interval: Duration::from_millis(10_000),
+            graceful_lease_handoff_timeout: Duration::from_millis(30_000),
             billing_mode: BillingMode::PayPerRequest,
         }
     }
@@ -246,6 +250,7 @@ const KCL_USED: &[&str] = &[
     "MaxLeasesForWorker",
     "MaxLeasesToStealAtOneTime",
     "ParentShardPollIntervalMillis",
+    "GracefulLeaseHandoffTimeoutMillis",
     "BillingMode",
     "InitialLeaseTableReadCapacity",
     "InitialLeaseTableWriteCapacity",
@@ -847,6 +852,8 @@ impl<'a> Parser<'a> {
             ms("ShardSyncIntervalMillis", 1)?.unwrap_or(kcl.shard_sync_interval);
         kcl.parent_shard_poll_interval =
             ms("ParentShardPollIntervalMillis", 1)?.unwrap_or(kcl.parent_shard_poll_interval);
+        kcl.graceful_lease_handoff_timeout = ms("GracefulLeaseHandoffTimeoutMillis", 0)?
+            .unwrap_or(kcl.graceful_lease_handoff_timeout);
         let flag = |name: &str| self.get(&scope.kcl_keys(name), boolean);
         kcl.call_process_records_even_for_empty_list =
             flag("CallProcessRecordsEvenForEmptyRecordList")?

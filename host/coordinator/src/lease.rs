@@ -11,7 +11,7 @@ use std::time::Duration;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode as DdbBillingMode, KeySchemaElement, KeyType,
-    ProvisionedThroughput, ScalarAttributeType, TableStatus,
+    ProvisionedThroughput, ReturnValue, ScalarAttributeType, TableStatus,
 };
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
@@ -47,6 +47,9 @@ pub mod attr {
     pub const PENDING_CHECKPOINT_STATE: &str = "pendingCheckpointState";
     /// KCL 3.5 stores other entities in the lease table; leases have none or `LEASE`.
     pub const ENTITY_TYPE: &str = "entityType";
+    /// KCL 3.x graceful hand-off: the current (outgoing) owner, while `leaseOwner` already
+    /// names the next one.
+    pub const CHECKPOINT_OWNER: &str = "checkpointOwner";
 }
 
 /// One lease: a shard and who processes it, up to where.
@@ -70,6 +73,8 @@ pub struct Lease {
     pub hash_range: Option<(String, String)>,
     /// The task state committed with the checkpoint (`hostState*` attributes), if any.
     pub state: Option<StateRef>,
+    /// During a graceful hand-off, the outgoing owner (`owner` is then the next one).
+    pub checkpoint_owner: Option<String>,
 }
 
 impl Lease {
@@ -85,6 +90,7 @@ impl Lease {
             child_shard_ids: Vec::new(),
             hash_range: None,
             state: None,
+            checkpoint_owner: None,
         }
     }
 }
@@ -392,13 +398,25 @@ impl LeaseTable {
             ("#hschunks", state_attr::STATE_CHUNKS),
             ("#hsbytes", state_attr::STATE_BYTES),
             ("#hsdigest", state_attr::STATE_DIGEST),
+            ("#ckptowner", attr::CHECKPOINT_OWNER),
         ] {
             if set.contains(placeholder) {
                 request = request.expression_attribute_names(placeholder, name);
             }
         }
-        match request.send().await {
-            Ok(_) => Ok(updated),
+        match request.return_values(ReturnValue::AllNew).send().await {
+            Ok(out) => {
+                // The owner fields as they are now: a graceful hand-off may have named the next
+                // owner without moving the counter.
+                let mut updated = updated;
+                if let Some(item) = out.attributes() {
+                    let text =
+                        |name: &str| item.get(name).and_then(|v| v.as_s().ok()).map(String::clone);
+                    updated.owner = text(attr::LEASE_OWNER);
+                    updated.checkpoint_owner = text(attr::CHECKPOINT_OWNER);
+                }
+                Ok(updated)
+            }
             Err(e)
                 if e.as_service_error()
                     .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
@@ -414,20 +432,22 @@ impl LeaseTable {
     /// # Errors
     /// [`LeaseError::Lost`] when someone else wrote it first.
     pub async fn take(&self, lease: &Lease, owner: &str) -> Result<Lease, LeaseError> {
-        let switched = lease.owner.as_deref() != Some(owner);
+        // A lease marked for a hand-off to us already names us as owner, but changes hands.
+        let switched = lease.owner.as_deref() != Some(owner) || lease.checkpoint_owner.is_some();
         let mut updated = lease.clone();
         updated.owner = Some(owner.to_owned());
+        updated.checkpoint_owner = None;
         updated.counter += 1;
         let mut values = vec![(":me", s(owner))];
         let set = if switched {
             updated.owner_switches_since_checkpoint += 1;
             values.push((":one", n(1)));
-            "SET #counter = :next, #owner = :me ADD #switches :one"
+            "SET #counter = :next, #owner = :me REMOVE #ckptowner ADD #switches :one"
         } else {
-            "SET #counter = :next, #owner = :me"
+            "SET #counter = :next, #owner = :me REMOVE #ckptowner"
         };
         let taken = self.update("UpdateItem (take)", lease, set, values, updated).await?;
-        tracing::info!(table = %self.table, lease = %lease.key, owner, counter = taken.counter, previous_owner = lease.owner.as_deref().unwrap_or("-"), "Took lease.");
+        tracing::info!(table = %self.table, lease = %lease.key, owner, counter = taken.counter, previous_owner = lease.checkpoint_owner.as_deref().or(lease.owner.as_deref()).unwrap_or("-"), "Took lease.");
         Ok(taken)
     }
 
@@ -533,15 +553,81 @@ impl LeaseTable {
         let mut updated = lease.clone();
         updated.counter += 1;
         updated.owner = None;
+        updated.checkpoint_owner = None;
         self.update(
             "UpdateItem (release)",
             lease,
-            "SET #counter = :next REMOVE #owner",
+            "SET #counter = :next REMOVE #owner, #ckptowner",
             vec![],
             updated,
         )
         .await?;
         tracing::info!(table = %self.table, lease = %lease.key, "Released lease.");
+        Ok(())
+    }
+
+    /// Asks the live owner of `lease` to hand it over to `taker` (KCL 3.x's graceful hand-off):
+    /// names `taker` as `leaseOwner` and the current owner as `checkpointOwner`, without moving
+    /// the counter, so the owner's renewals and checkpoints go on until it hands the lease over.
+    /// Returns whether the mark was written (not when the owner changed or another hand-off is
+    /// pending).
+    ///
+    /// # Errors
+    /// When DynamoDB fails.
+    pub async fn request_handoff(&self, lease: &Lease, taker: &str) -> Result<bool, LeaseError> {
+        let Some(owner) = &lease.owner else {
+            return Ok(false);
+        };
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(attr::LEASE_KEY, s(&lease.key))
+            .update_expression("SET #owner = :taker, #ckptowner = :owner")
+            .condition_expression("#owner = :owner AND attribute_not_exists(#ckptowner)")
+            .expression_attribute_names("#owner", attr::LEASE_OWNER)
+            .expression_attribute_names("#ckptowner", attr::CHECKPOINT_OWNER)
+            .expression_attribute_values(":taker", s(taker))
+            .expression_attribute_values(":owner", s(owner))
+            .send()
+            .await;
+        match result {
+            Ok(_) => {
+                tracing::info!(table = %self.table, lease = %lease.key, owner, taker, "Asked the owner to hand the lease over.");
+                Ok(true)
+            }
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => {
+                Err(self.aws("UpdateItem (hand-off request)", Some(&lease.key), sdk_message(&e)))
+            }
+        }
+    }
+
+    /// Hands `lease` (as last written by us, its outgoing owner) over to `next`, after the last
+    /// checkpoint: names `next` as owner, removes `checkpointOwner` and moves the counter.
+    ///
+    /// # Errors
+    /// [`LeaseError::Lost`] when the lease changed since.
+    pub async fn hand_over(&self, lease: &Lease, next: &str) -> Result<(), LeaseError> {
+        let mut updated = lease.clone();
+        updated.counter += 1;
+        updated.owner = Some(next.to_owned());
+        updated.checkpoint_owner = None;
+        updated.owner_switches_since_checkpoint += 1;
+        self.update(
+            "UpdateItem (hand over)",
+            lease,
+            "SET #counter = :next, #owner = :taker REMOVE #ckptowner ADD #switches :one",
+            vec![(":taker", s(next)), (":one", n(1))],
+            updated,
+        )
+        .await?;
+        tracing::info!(table = %self.table, lease = %lease.key, next, "Handed lease over.");
         Ok(())
     }
 
@@ -611,6 +697,7 @@ impl LeaseTable {
                 .zip(text(attr::ENDING_HASH_KEY))
                 .map(|(a, b)| (a.to_owned(), b.to_owned())),
             state: self.parse_state(item, &malformed)?,
+            checkpoint_owner: text(attr::CHECKPOINT_OWNER).map(str::to_owned),
             key,
         }))
     }

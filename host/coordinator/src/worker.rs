@@ -116,6 +116,9 @@ pub struct WorkerConfig {
     /// Largest task state snapshot carried inline in the lease item; a larger one goes to the
     /// companion table `<lease table>-state` (capped at [`state::MAX_INLINE_BYTES`]).
     pub state_inline_max_bytes: usize,
+    /// How long a host that steals a live lease waits for its owner to finish, checkpoint and
+    /// hand the lease over, before it takes the lease anyway; zero steals at once.
+    pub graceful_handoff_timeout: Duration,
 }
 
 /// Why the worker stopped.
@@ -137,6 +140,8 @@ struct Held {
     /// When the lease was last written by us (renew or checkpoint).
     renewed: std::sync::Mutex<Instant>,
     stop: watch::Sender<bool>,
+    /// The host this one was asked to hand the lease over to (a graceful hand-off).
+    handoff: std::sync::Mutex<Option<String>>,
 }
 
 /// Shards whose processing failed on this host, and until when this host leaves them to others
@@ -197,6 +202,8 @@ pub async fn run_with<F: ProcessorFactory>(
     let cooldown: Cooldown = Arc::default();
     let mut tasks = JoinSet::new();
     let mut seen: HashMap<String, (u64, Instant)> = HashMap::new();
+    // Leases this host asked their owners to hand over, and since when.
+    let mut handoffs: HashMap<String, Instant> = HashMap::new();
     let tick = (config.failover_time / 3)
         .saturating_sub(Duration::from_millis(25))
         .max(Duration::from_millis(50));
@@ -205,7 +212,16 @@ pub async fn run_with<F: ProcessorFactory>(
     loop {
         renew_all(&table, &held, &config).await;
         match take_leases(
-            &kinesis, &table, &config, &factory, &held, &wake, &cooldown, &mut tasks, &mut seen,
+            &kinesis,
+            &table,
+            &config,
+            &factory,
+            &held,
+            &wake,
+            &cooldown,
+            &mut tasks,
+            &mut seen,
+            &mut handoffs,
         )
         .await
         {
@@ -359,6 +375,22 @@ async fn renew_all(
         let result = if expired { Err(None) } else { table.renew(&lease).await.map_err(Some) };
         match result {
             Ok(renewed) => {
+                // Another host asked for the lease (KCL 3.x's mark): finish the batch in
+                // flight, checkpoint and hand it over (see `shard_task`).
+                let next = renewed
+                    .owner
+                    .as_ref()
+                    .filter(|_| renewed.checkpoint_owner.as_deref() == Some(&config.worker_id))
+                    .filter(|next| **next != config.worker_id);
+                if let Some(next) = next {
+                    let mut handoff =
+                        h.handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if handoff.is_none() {
+                        tracing::info!(lease = %key, next, "Handing the lease over: finishing the batch in flight and checkpointing.");
+                        *handoff = Some(next.clone());
+                        let _ = h.stop.send(true);
+                    }
+                }
                 *lease = renewed;
                 if let Ok(mut r) = h.renewed.lock() {
                     *r = Instant::now();
@@ -389,6 +421,7 @@ async fn take_leases<F: ProcessorFactory>(
     cooldown: &Cooldown,
     tasks: &mut JoinSet<()>,
     seen: &mut HashMap<String, (u64, Instant)>,
+    handoffs: &mut HashMap<String, Instant>,
 ) -> Result<(), LeaseError> {
     let now = Instant::now();
     let resting: HashSet<String> = cooldown
@@ -426,6 +459,36 @@ async fn take_leases<F: ProcessorFactory>(
         }
     }
     seen.retain(|k, _| by_key.contains_key(k.as_str()));
+    // Hand-offs this host asked for: take the lease once its owner handed it over, or as a
+    // plain steal when it has not within the timeout; forget it when the lease went elsewhere.
+    let me = Some(config.worker_id.as_str());
+    let mut adopt: Vec<&Lease> = Vec::new();
+    handoffs.retain(|key, since| {
+        let Some(lease) = by_key.get(key.as_str()) else { return false };
+        let pending = lease.owner.as_deref() == me
+            && lease.checkpoint != Checkpoint::ShardEnd
+            && !mine.contains(key);
+        if pending
+            && lease.checkpoint_owner.is_some()
+            && since.elapsed() >= config.graceful_handoff_timeout
+        {
+            tracing::info!(lease = %key, owner = lease.checkpoint_owner.as_deref().unwrap_or("-"), "The owner did not hand the lease over in time: taking it.");
+            adopt.push(lease);
+        }
+        pending
+    });
+    // Leases that name this host as owner, no hand-off pending, but that it does not hold:
+    // handed over to it (by one of ours or a KCL 3.x worker), or left by a failed release.
+    adopt.extend(leases.iter().filter(|l| {
+        l.owner.as_deref() == me
+            && l.checkpoint_owner.is_none()
+            && l.checkpoint != Checkpoint::ShardEnd
+            && !mine.contains(&l.key)
+            && !resting.contains(&l.key)
+            && l.parent_shard_ids.iter().all(|p| {
+                by_key.get(p.as_str()).is_none_or(|pl| pl.checkpoint == Checkpoint::ShardEnd)
+            })
+    }));
     if config.cleanup_leases_upon_shard_completion {
         cleanup(table, &leases, &by_key).await;
     }
@@ -436,7 +499,7 @@ async fn take_leases<F: ProcessorFactory>(
     let target = if workers >= active { 1 } else { active.div_ceil(workers) }
         .min(config.max_leases_for_worker);
     let needed = target.saturating_sub(mine.len());
-    if needed == 0 {
+    if needed == 0 && adopt.is_empty() {
         return Ok(());
     }
     // A child waits until all its parents finished (a missing parent lease does not block).
@@ -452,7 +515,8 @@ async fn take_leases<F: ProcessorFactory>(
         .take(needed)
         .collect();
     let mut stealing = false;
-    if to_take.is_empty() {
+    let mut to_mark: Vec<&Lease> = Vec::new();
+    if to_take.is_empty() && handoffs.is_empty() {
         // Steal from the most loaded worker, bounded per round.
         let victim = counts
             .iter()
@@ -473,16 +537,28 @@ async fn take_leases<F: ProcessorFactory>(
                 .filter(|l| {
                     l.owner.as_deref() == Some(victim.as_str())
                         && l.checkpoint != Checkpoint::ShardEnd
+                        && l.checkpoint_owner.is_none()
                         && ready(l)
                 })
                 .take(n)
                 .collect();
             stealing = true;
         }
+        if stealing && !config.graceful_handoff_timeout.is_zero() {
+            to_mark = std::mem::take(&mut to_take);
+        }
     }
-    for lease in to_take {
+    for lease in to_mark {
+        if table.request_handoff(lease, &config.worker_id).await? {
+            handoffs.insert(lease.key.clone(), Instant::now());
+        }
+    }
+    let adopted = adopt.len();
+    for (index, lease) in adopt.into_iter().chain(to_take).enumerate() {
+        let stealing = stealing || index < adopted;
         match table.take(lease, &config.worker_id).await {
             Ok(taken) => {
+                handoffs.remove(&lease.key);
                 count("kinesis_host_leases_taken_total", &config.stream);
                 if stealing {
                     count("kinesis_host_leases_stolen_total", &config.stream);
@@ -492,6 +568,7 @@ async fn take_leases<F: ProcessorFactory>(
                     lease: Mutex::new(taken),
                     renewed: std::sync::Mutex::new(Instant::now()),
                     stop,
+                    handoff: std::sync::Mutex::new(None),
                 });
                 held.lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -592,9 +669,24 @@ async fn shard_task<P: ShardProcessor>(
         }
         Ended::Lost => {}
         Ended::Stopped => {
+            let next =
+                held.handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
             // Released by the worker at shutdown; after an error, released now so another
             // host (or this one, later) retries from the checkpoint.
-            if !*stop.borrow() {
+            if let Some(next) = next.filter(|_| *stop.borrow()) {
+                // Asked to hand the lease over: the last batch is checkpointed, so the next
+                // owner starts right after it.
+                registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
+                let lease = held.lease.lock().await;
+                match table.hand_over(&lease, &next).await {
+                    Ok(()) => count("kinesis_host_leases_handed_over_total", &config.stream),
+                    Err(error) => {
+                        count("kinesis_host_leases_lost_total", &config.stream);
+                        tracing::info!(shard = %key, %error, "Could not hand the lease over; the other host takes it when its wait ends.");
+                    }
+                }
+                wake.notify_one();
+            } else if !*stop.borrow() {
                 registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
                 let lease = held.lease.lock().await;
                 match table.release(&lease).await {

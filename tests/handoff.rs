@@ -1,0 +1,159 @@
+//! Graceful lease hand-off against kinesis-local and dynalite: a host that steals a live lease
+//! to balance the load asks its owner to hand it over (KCL 3.x's `checkpointOwner` mark); the
+//! owner finishes its batch, checkpoints and hands over, so moving a shard delivers nothing twice.
+
+#[path = "common/aws.rs"]
+mod aws;
+mod common;
+#[path = "common/emulators.rs"]
+mod emulators;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use aws::*;
+use aws_sdk_dynamodb::types::AttributeValue;
+use kinesis_host_coordinator::aws::AwsClients;
+
+/// The lease items; none while the table does not exist yet.
+fn items(c: &AwsClients, table: &str) -> Vec<std::collections::HashMap<String, AttributeValue>> {
+    rt().block_on(async {
+        match c.dynamodb.scan().table_name(table).consistent_read(true).send().await {
+            Ok(out) => out.items().to_vec(),
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_resource_not_found_exception()) => {
+                Vec::new()
+            }
+            Err(e) => panic!("Scan of {table}: {e:?}"),
+        }
+    })
+}
+
+/// Leases per owner prefix (`host-a`, …): the worker id is `$HOSTNAME-<uuid>`.
+fn owners(c: &AwsClients, table: &str) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for item in items(c, table) {
+        let owner = item.get("leaseOwner").and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
+        let host = owner.split('-').take(2).collect::<Vec<_>>().join("-");
+        *counts.entry(host).or_insert(0) += 1;
+        assert!(
+            item.get("checkpointOwner").is_none() || owner.starts_with("host-"),
+            "a hand-off mark on an unowned lease: {item:?}"
+        );
+    }
+    counts
+}
+
+/// Waits (bounded) until the leases are spread as `expected` and no hand-off is pending.
+fn wait_for_owners(
+    c: &AwsClients,
+    table: &str,
+    expected: &[(&str, usize)],
+    logs: &[&std::path::Path],
+) {
+    let expected: BTreeMap<String, usize> =
+        expected.iter().map(|(h, n)| ((*h).to_owned(), *n)).collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let got = owners(c, table);
+        let pending = items(c, table).iter().any(|i| i.get("checkpointOwner").is_some());
+        if got == expected && !pending {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leases are spread {got:?} (hand-off pending: {pending}), not {expected:?}; logs:\n{}",
+            logs.iter()
+                .map(|l| std::fs::read_to_string(l).unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join("\n----\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_third_host_joining_two_busy_hosts_moves_a_shard_without_duplicates() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("handoff-in", "handoff-out");
+    create_stream(&c, input, 4);
+    create_stream(&c, output, 1);
+    // Checkpoints only at a stop or a hand-off: a plain steal would deliver again every record
+    // the moved shard's owner had processed.
+    let config = job_properties(
+        dir.path(),
+        "handoff",
+        input,
+        output,
+        "task.commit.ms=600000\nsystems.kinesis.aws.kcl.FailoverTimeMillis=3000\n",
+    );
+    let table = "handoff-1-handoff-in";
+    let log = |h: &str| dir.path().join(format!("{h}.log"));
+    let (log_a, log_b, log_c) = (log("a"), log("b"), log("c"));
+    let a = Host::start_with("echo-task", &config, &log_a, &[("HOSTNAME", "host-a")]);
+    let b = Host::start_with("echo-task", &config, &log_b, &[("HOSTNAME", "host-b")]);
+    wait_for_owners(&c, table, &[("host-a", 2), ("host-b", 2)], &[&log_a, &log_b]);
+
+    let first = numbered(8, 3, 0);
+    put(&c, input, &first);
+    wait_for_records(&c, output, first.len(), &log_a);
+
+    // C joins: it asks A or B for one lease, and gets it handed over.
+    let host_c = Host::start_with("echo-task", &config, &log_c, &[("HOSTNAME", "host-c")]);
+    let second = numbered(8, 3, 3);
+    put(&c, input, &second);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let got = owners(&c, table);
+        let pending = items(&c, table).iter().any(|i| i.get("checkpointOwner").is_some());
+        if got.get("host-c") == Some(&1) && got.values().sum::<usize>() == 4 && !pending {
+            break;
+        }
+        assert!(Instant::now() < deadline, "C got no lease: {got:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let third = numbered(8, 3, 6);
+    put(&c, input, &third);
+    let mut sent = first;
+    sent.extend(second);
+    sent.extend(third);
+    let got = wait_for_records(&c, output, sent.len(), &log_c);
+    assert!(host_c.stop().success());
+    assert!(b.stop().success());
+    assert!(a.stop().success());
+    // Exactly once: the moved shard went on right after its owner's last record.
+    let got = read_all(&c, output);
+    assert_eq!(
+        got.len(),
+        sent.len(),
+        "records delivered twice: {:?}",
+        got.len() - sent.len().min(got.len())
+    );
+    assert_eq!(by_key(&got), by_key(&sent));
+    // The move to C went through a hand-off (so did A's share when A and B started).
+    let handed = [&log_a, &log_b]
+        .iter()
+        .flat_map(|l| {
+            std::fs::read_to_string(l)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("Handed lease over.") && l.contains("next=\"host-c-"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .count();
+    let lease_lines: String = [&log_a, &log_b, &log_c]
+        .iter()
+        .flat_map(|l| {
+            std::fs::read_to_string(l)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("lease"))
+                .map(|l| format!("{l}\n"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(handed, 1, "one lease was handed over to C:\n{lease_lines}");
+    let c_log = std::fs::read_to_string(&log_c).unwrap_or_default();
+    assert!(!c_log.contains("did not hand the lease over in time"), "{c_log}");
+}
