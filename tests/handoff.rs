@@ -117,7 +117,7 @@ fn a_third_host_joining_two_busy_hosts_moves_a_shard_without_duplicates() {
     let mut sent = first;
     sent.extend(second);
     sent.extend(third);
-    let got = wait_for_records(&c, output, sent.len(), &log_c);
+    wait_for_records(&c, output, sent.len(), &log_c);
     assert!(host_c.stop().success());
     assert!(b.stop().success());
     assert!(a.stop().success());

@@ -175,6 +175,8 @@ pub async fn run<F: ProcessorFactory>(
 /// - `kinesis_host_leases_stolen_total`: leases taken from a live owner to balance the load;
 /// - `kinesis_host_leases_lost_total`: held leases another host took (or that expired here);
 /// - `kinesis_host_leases_released_total`: leases released (at a stop, or when a shard failed);
+/// - `kinesis_host_leases_handed_over_total`: leases handed over, after a checkpoint, to a host
+///   that asked for them (a graceful hand-off);
 /// - `kinesis_host_lease_renewal_failures_total`: renewals that failed for a reason other than
 ///   a lost lease (the renewal is retried at the next tick);
 /// - `kinesis_host_checkpoints_total` (also labelled `shard`): checkpoints written;
