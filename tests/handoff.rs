@@ -36,7 +36,7 @@ fn owners(c: &AwsClients, table: &str) -> BTreeMap<String, usize> {
         let host = owner.split('-').take(2).collect::<Vec<_>>().join("-");
         *counts.entry(host).or_insert(0) += 1;
         assert!(
-            item.get("checkpointOwner").is_none() || owner.starts_with("host-"),
+            !item.contains_key("checkpointOwner") || !owner.is_empty(),
             "a hand-off mark on an unowned lease: {item:?}"
         );
     }
@@ -55,7 +55,7 @@ fn wait_for_owners(
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let got = owners(c, table);
-        let pending = items(c, table).iter().any(|i| i.get("checkpointOwner").is_some());
+        let pending = items(c, table).iter().any(|i| i.contains_key("checkpointOwner"));
         if got == expected && !pending {
             return;
         }
@@ -105,7 +105,7 @@ fn a_third_host_joining_two_busy_hosts_moves_a_shard_without_duplicates() {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let got = owners(&c, table);
-        let pending = items(&c, table).iter().any(|i| i.get("checkpointOwner").is_some());
+        let pending = items(&c, table).iter().any(|i| i.contains_key("checkpointOwner"));
         if got.get("host-c") == Some(&1) && got.values().sum::<usize>() == 4 && !pending {
             break;
         }
@@ -156,4 +156,141 @@ fn a_third_host_joining_two_busy_hosts_moves_a_shard_without_duplicates() {
     assert_eq!(handed, 1, "one lease was handed over to C:\n{lease_lines}");
     let c_log = std::fs::read_to_string(&log_c).unwrap_or_default();
     assert!(!c_log.contains("did not hand the lease over in time"), "{c_log}");
+}
+
+/// A KCL 2.x worker's lease loop for the leases it holds: renews each every 300 ms with
+/// `leaseCounter` conditional on its last value, knows nothing of `checkpointOwner`, and drops
+/// a lease whose renewal fails (another worker took it). Stops when `stop` is set.
+fn kcl2_renewer(
+    c: AwsClients,
+    table: String,
+    leases: Vec<String>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    dropped: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut held: BTreeMap<String, u64> = leases.into_iter().map(|l| (l, 1)).collect();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for (lease, counter) in held.clone() {
+                let renewed = rt().block_on(
+                    c.dynamodb
+                        .update_item()
+                        .table_name(&table)
+                        .key("leaseKey", AttributeValue::S(lease.clone()))
+                        .update_expression("SET leaseCounter = :next")
+                        .condition_expression("leaseCounter = :c")
+                        .expression_attribute_values(":c", AttributeValue::N(counter.to_string()))
+                        .expression_attribute_values(
+                            ":next",
+                            AttributeValue::N((counter + 1).to_string()),
+                        )
+                        .send(),
+                );
+                match renewed {
+                    Ok(_) => {
+                        held.insert(lease, counter + 1);
+                    }
+                    Err(_) => {
+                        held.remove(&lease);
+                        dropped.lock().expect("lock").push(lease);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    })
+}
+
+#[test]
+fn a_kcl_2_worker_that_ignores_the_mark_loses_the_lease_after_the_timeout() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("handoff-kcl2-in", "handoff-kcl2-out");
+    create_stream(&c, input, 2);
+    create_stream(&c, output, 1);
+    let table = "handoffkcl2-1-handoff-kcl2-in";
+    let shards = open_shards(&c, input);
+    // The KCL 2.x worker's table: both leases its own.
+    rt().block_on(async {
+        use aws_sdk_dynamodb::types::{
+            AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+        };
+        c.dynamodb
+            .create_table()
+            .table_name(table)
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name("leaseKey")
+                    .key_type(KeyType::Hash)
+                    .build()
+                    .expect("key"),
+            )
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name("leaseKey")
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .expect("definition"),
+            )
+            .billing_mode(BillingMode::PayPerRequest)
+            .send()
+            .await
+            .expect("CreateTable");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = c.dynamodb.describe_table().table_name(table).send().await;
+            if status.ok().and_then(|d| d.table()?.table_status().cloned())
+                == Some(aws_sdk_dynamodb::types::TableStatus::Active)
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{table} did not become ACTIVE");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for shard in &shards {
+            c.dynamodb
+                .put_item()
+                .table_name(table)
+                .item("leaseKey", AttributeValue::S(shard.clone()))
+                .item("leaseOwner", AttributeValue::S("kcl2-worker".into()))
+                .item("leaseCounter", AttributeValue::N("1".into()))
+                .item("checkpoint", AttributeValue::S("TRIM_HORIZON".into()))
+                .item("checkpointSubSequenceNumber", AttributeValue::N("0".into()))
+                .item("ownerSwitchesSinceCheckpoint", AttributeValue::N("0".into()))
+                .send()
+                .await
+                .expect("PutItem");
+        }
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dropped = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kcl2 =
+        kcl2_renewer(clients(), table.to_owned(), shards.clone(), stop.clone(), dropped.clone());
+
+    // Our host needs one of the two leases: it marks one, the KCL 2.x worker renews on, and
+    // after the (short) timeout our host steals it, fencing the KCL worker out.
+    let config = job_properties(
+        dir.path(),
+        "handoffkcl2",
+        input,
+        output,
+        "systems.kinesis.aws.kcl.FailoverTimeMillis=3000\n\
+         systems.kinesis.aws.kcl.GracefulLeaseHandoffTimeoutMillis=2000\n",
+    );
+    let log = dir.path().join("host.log");
+    let host = Host::start_with("echo-task", &config, &log, &[("HOSTNAME", "host-c")]);
+    wait_for_log(&log, "did not hand the lease over in time", 1);
+    wait_for_owners(&c, table, &[("host-c", 1), ("kcl2-worker", 1)], &[&log]);
+    // The KCL 2.x worker's next renewal of the stolen lease fails: it is fenced out.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dropped.lock().expect("lock").is_empty() {
+        assert!(Instant::now() < deadline, "the KCL 2.x worker still renews the stolen lease");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_for_owners(&c, table, &[("host-c", 1), ("kcl2-worker", 1)], &[&log]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    kcl2.join().expect("the KCL 2.x renewer");
+    let dropped = dropped.lock().expect("lock").clone();
+    assert_eq!(dropped.len(), 1, "the KCL 2.x worker lost exactly the stolen lease: {dropped:?}");
+    assert!(host.stop().success());
 }

@@ -410,8 +410,7 @@ impl LeaseTable {
                 // owner without moving the counter.
                 let mut updated = updated;
                 if let Some(item) = out.attributes() {
-                    let text =
-                        |name: &str| item.get(name).and_then(|v| v.as_s().ok()).map(String::clone);
+                    let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
                     updated.owner = text(attr::LEASE_OWNER);
                     updated.checkpoint_owner = text(attr::CHECKPOINT_OWNER);
                 }
