@@ -607,6 +607,39 @@ impl LeaseTable {
         }
     }
 
+    /// Withdraws a hand-off that `taker` asked for and that is still pending: names the
+    /// current owner (`checkpointOwner`) as `leaseOwner` again. Returns whether it did.
+    ///
+    /// # Errors
+    /// When DynamoDB fails.
+    pub async fn cancel_handoff(&self, key: &str, taker: &str) -> Result<bool, LeaseError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(attr::LEASE_KEY, s(key))
+            .update_expression("SET #owner = #ckptowner REMOVE #ckptowner")
+            .condition_expression("#owner = :taker AND attribute_exists(#ckptowner)")
+            .expression_attribute_names("#owner", attr::LEASE_OWNER)
+            .expression_attribute_names("#ckptowner", attr::CHECKPOINT_OWNER)
+            .expression_attribute_values(":taker", s(taker))
+            .send()
+            .await;
+        match result {
+            Ok(_) => {
+                tracing::info!(table = %self.table, lease = %key, "Withdrew the hand-off request.");
+                Ok(true)
+            }
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.aws("UpdateItem (hand-off withdrawal)", Some(key), sdk_message(&e))),
+        }
+    }
+
     /// Hands `lease` (as last written by us, its outgoing owner) over to `next`, after the last
     /// checkpoint: names `next` as owner, removes `checkpointOwner` and moves the counter.
     ///

@@ -275,6 +275,13 @@ pub async fn run_with<F: ProcessorFactory>(
         }
     }
     tracing::info!(stream = %config.stream, "Shutting down: finishing batches in flight.");
+    // Hand-offs asked for and not completed: give the leases back to their owners, so they do
+    // not hand them over to a host that is going away.
+    for key in handoffs.keys() {
+        if let Err(error) = table.cancel_handoff(key, &config.worker_id).await {
+            tracing::warn!(lease = %key, %error, "Could not withdraw the hand-off request; the lease is taken by another host when it expires.");
+        }
+    }
     for h in held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).values() {
         let _ = h.stop.send(true);
     }
