@@ -201,15 +201,10 @@ fn kcl2_renewer(
     })
 }
 
-#[test]
-fn a_kcl_2_worker_that_ignores_the_mark_loses_the_lease_after_the_timeout() {
-    let c = clients();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (input, output) = ("handoff-kcl2-in", "handoff-kcl2-out");
-    create_stream(&c, input, 2);
-    create_stream(&c, output, 1);
-    let table = "handoffkcl2-1-handoff-kcl2-in";
-    let shards = open_shards(&c, input);
+/// Creates lease table `table` as a KCL 2.x worker `kcl2-worker` would, holding a lease on
+/// every open shard of `stream`; returns the shards.
+fn kcl2_table(c: &AwsClients, table: &str, stream: &str) -> Vec<String> {
+    let shards = open_shards(c, stream);
     // The KCL 2.x worker's table: both leases its own.
     rt().block_on(async {
         use aws_sdk_dynamodb::types::{
@@ -262,6 +257,18 @@ fn a_kcl_2_worker_that_ignores_the_mark_loses_the_lease_after_the_timeout() {
                 .expect("PutItem");
         }
     });
+    shards
+}
+
+#[test]
+fn a_kcl_2_worker_that_ignores_the_mark_loses_the_lease_after_the_timeout() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("handoff-kcl2-in", "handoff-kcl2-out");
+    create_stream(&c, input, 2);
+    create_stream(&c, output, 1);
+    let table = "handoffkcl2-1-handoff-kcl2-in";
+    let shards = kcl2_table(&c, table, input);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let dropped = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let kcl2 =
@@ -293,4 +300,47 @@ fn a_kcl_2_worker_that_ignores_the_mark_loses_the_lease_after_the_timeout() {
     let dropped = dropped.lock().expect("lock").clone();
     assert_eq!(dropped.len(), 1, "the KCL 2.x worker lost exactly the stolen lease: {dropped:?}");
     assert!(host.stop().success());
+}
+
+#[test]
+fn a_host_that_stops_before_the_hand_off_withdraws_its_request() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("handoff-withdraw-in", "handoff-withdraw-out");
+    create_stream(&c, input, 2);
+    create_stream(&c, output, 1);
+    let table = "handoffwithdraw-1-handoff-withdraw-in";
+    let shards = kcl2_table(&c, table, input);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dropped = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kcl2 =
+        kcl2_renewer(clients(), table.to_owned(), shards.clone(), stop.clone(), dropped.clone());
+    // The owner ignores the mark and the wait is long: the request is still pending at the stop.
+    let config = job_properties(
+        dir.path(),
+        "handoffwithdraw",
+        input,
+        output,
+        "systems.kinesis.aws.kcl.FailoverTimeMillis=3000\n\
+         systems.kinesis.aws.kcl.GracefulLeaseHandoffTimeoutMillis=600000\n",
+    );
+    let log = dir.path().join("host.log");
+    let host = Host::start_with("echo-task", &config, &log, &[("HOSTNAME", "host-c")]);
+    wait_for_log(&log, "Asked the owner to hand the lease over.", 1);
+    assert!(host.stop().success());
+    wait_for_log(&log, "Withdrew the hand-off request.", 1);
+    // Both leases are the KCL 2.x worker's again, unmarked, and it never lost one.
+    let items = items(&c, table);
+    assert_eq!(items.len(), 2);
+    for item in &items {
+        assert_eq!(
+            item.get("leaseOwner").and_then(|v| v.as_s().ok()).map(String::as_str),
+            Some("kcl2-worker"),
+            "{item:?}"
+        );
+        assert!(!item.contains_key("checkpointOwner"), "{item:?}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    kcl2.join().expect("the KCL 2.x renewer");
+    assert!(dropped.lock().expect("lock").is_empty(), "the KCL 2.x worker lost a lease");
 }
