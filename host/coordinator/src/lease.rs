@@ -772,3 +772,75 @@ impl LeaseTable {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> LeaseTable {
+        let config = aws_sdk_dynamodb::Config::builder()
+            .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+            .build();
+        LeaseTable::new(Client::from_conf(config), "t")
+    }
+
+    fn item(extra: &[(&str, AttributeValue)]) -> HashMap<String, AttributeValue> {
+        let mut item: HashMap<String, AttributeValue> = [
+            (attr::LEASE_KEY.to_owned(), s("shardId-000000000001")),
+            (attr::LEASE_COUNTER.to_owned(), n(7)),
+            (attr::CHECKPOINT.to_owned(), s("42")),
+        ]
+        .into();
+        item.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        item
+    }
+
+    #[test]
+    fn reads_the_state_a_lease_names_and_the_hand_off_mark() {
+        let t = table();
+        let plain = t.parse_item(&item(&[])).ok().flatten().expect("a lease");
+        assert_eq!((plain.state, plain.checkpoint_owner), (None, None));
+
+        let inline = t
+            .parse_item(&item(&[
+                (state_attr::STATE, AttributeValue::B(vec![1, 0].into())),
+                (state_attr::STATE_DIGEST, s("d")),
+                (attr::CHECKPOINT_OWNER, s("a")),
+                (attr::LEASE_OWNER, s("b")),
+            ]))
+            .ok()
+            .flatten()
+            .expect("a lease");
+        assert_eq!(inline.state, Some(StateRef::Inline { data: vec![1, 0], digest: "d".into() }));
+        assert_eq!(inline.checkpoint_owner.as_deref(), Some("a"));
+        assert_eq!(inline.owner.as_deref(), Some("b"));
+
+        let stored = t
+            .parse_item(&item(&[
+                (state_attr::STATE_VERSION, s("v")),
+                (state_attr::STATE_CHUNKS, n(3)),
+                (state_attr::STATE_BYTES, n(600_000)),
+                (state_attr::STATE_DIGEST, s("d")),
+            ]))
+            .ok()
+            .flatten()
+            .expect("a lease");
+        assert_eq!(
+            stored.state,
+            Some(StateRef::Stored {
+                version: "v".into(),
+                chunks: 3,
+                bytes: 600_000,
+                digest: "d".into()
+            })
+        );
+
+        // A digest that names no snapshot is refused, naming the lease.
+        let error = t
+            .parse_item(&item(&[(state_attr::STATE_DIGEST, s("d"))]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("shardId-000000000001") && error.contains("hostStateVersion"));
+    }
+}
