@@ -502,6 +502,18 @@ mod tests {
     }
 
     #[test]
+    fn state_inline_bytes_is_bounded_by_the_lease_item() -> Result<(), ConfigError> {
+        assert_eq!(parse(&[])?.state_inline_bytes, DEFAULT_STATE_INLINE_BYTES);
+        assert_eq!(parse(&[("task.limits.state.inline.bytes", "0")])?.state_inline_bytes, 0);
+        let err = parse(&[("task.limits.state.inline.bytes", "65537")])
+            .map(|_| ())
+            .expect_err("too large for a lease item")
+            .to_string();
+        assert!(err.contains("task.limits.state.inline.bytes=65537") && err.contains("65536"));
+        Ok(())
+    }
+
+    #[test]
     fn unknown_keys_suggest_the_nearest() {
         let err = parse(&[("task.limits.memory.byte", "1")])
             .map(|_| ())

@@ -1308,6 +1308,19 @@ mod tests {
     }
 
     #[test]
+    fn graceful_lease_handoff_timeout_defaults_to_kcl_3s_and_zero_turns_it_off()
+    -> Result<(), ConfigError> {
+        let (config, _) = parse(&[])?;
+        let kcl = &config.inputs[0].kcl;
+        assert_eq!(kcl.graceful_lease_handoff_timeout, Duration::from_secs(30));
+        let (config, warnings) =
+            parse(&[("systems.kinesis.aws.kcl.GracefulLeaseHandoffTimeoutMillis", "0")])?;
+        assert_eq!(config.inputs[0].kcl.graceful_lease_handoff_timeout, Duration::ZERO);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        Ok(())
+    }
+
+    #[test]
     fn stream_scope_overrides_system_scope() -> Result<(), ConfigError> {
         let (config, warnings) = parse(&[
             ("task.inputs", "kinesis.a, kinesis.b"),
