@@ -62,8 +62,12 @@ pub fn guest(name: &str) -> PathBuf {
 }
 
 /// A `kinesis-host` command with a compiled-component cache private to the test run.
+/// `KINESIS_HOST_BIN` overrides the binary (worktrees that share one target folder overwrite
+/// each other's `target/debug/kinesis-host`).
 pub fn kinesis_host() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kinesis-host"));
+    let bin = std::env::var_os("KINESIS_HOST_BIN")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kinesis-host")), PathBuf::from);
+    let mut cmd = Command::new(bin);
     cmd.env("KINESIS_HOST_CACHE_DIR", target_dir().join("test-cache"))
         .env_remove("RUST_LOG")
         .env_remove("KINESIS_HOST_LOG");

@@ -139,7 +139,12 @@ pub struct JobConfig {
     /// `metrics.address`: the `host:port` where `run` serves `/metrics`, `/healthz` and
     /// `/readyz`; `None` (absent or empty) serves nothing.
     pub metrics_address: Option<String>,
+    /// `task.limits.state.inline.bytes`: largest state snapshot stored in the lease item itself.
+    pub state_inline_bytes: usize,
 }
+
+/// `task.limits.state.inline.bytes` when the file has none.
+pub const DEFAULT_STATE_INLINE_BYTES: usize = 16 << 10;
 
 impl Default for JobConfig {
     fn default() -> Self {
@@ -152,6 +157,7 @@ impl Default for JobConfig {
             retry: RetryPolicy::default(),
             dead_letter_output: None,
             metrics_address: None,
+            state_inline_bytes: DEFAULT_STATE_INLINE_BYTES,
         }
     }
 }
@@ -180,6 +186,7 @@ const LIMIT_KEYS: &[&str] = &[
     "task.limits.state.key.bytes",
     "task.limits.state.value.bytes",
     "task.limits.state.total.bytes",
+    "task.limits.state.inline.bytes",
     "task.limits.log.bytes.per.second",
     "task.limits.log.line.bytes",
     "task.limits.metric.names",
@@ -373,6 +380,12 @@ impl JobConfig {
                     .to_owned(),
             ),
         };
+        let state_inline_bytes = p.number(
+            "task.limits.state.inline.bytes",
+            DEFAULT_STATE_INLINE_BYTES,
+            0,
+            kinesis_host_coordinator::state::MAX_INLINE_BYTES,
+        )?;
         Ok(Self {
             job_name: p.props.get("job.name").cloned().unwrap_or_else(|| "replay".to_owned()),
             task_config,
@@ -382,6 +395,7 @@ impl JobConfig {
             retry,
             dead_letter_output,
             metrics_address,
+            state_inline_bytes,
         })
     }
 
@@ -580,6 +594,18 @@ mod tests {
         let err =
             parse(&[("task.output.x", "nodot")]).map(|_| ()).expect_err("invalid").to_string();
         assert!(err.contains("task.output.<name>=<system>.<stream>"), "{err}");
+    }
+
+    #[test]
+    fn state_inline_bytes_is_bounded_by_the_lease_item() -> Result<(), ConfigError> {
+        assert_eq!(parse(&[])?.state_inline_bytes, DEFAULT_STATE_INLINE_BYTES);
+        assert_eq!(parse(&[("task.limits.state.inline.bytes", "0")])?.state_inline_bytes, 0);
+        let err = parse(&[("task.limits.state.inline.bytes", "65537")])
+            .map(|_| ())
+            .expect_err("too large for a lease item")
+            .to_string();
+        assert!(err.contains("task.limits.state.inline.bytes=65537") && err.contains("65536"));
+        Ok(())
     }
 
     #[test]

@@ -95,6 +95,10 @@ fn describe() {
     );
     describe_counter!("kinesis_host_leases_released_total", "Leases released by this host.");
     describe_counter!(
+        "kinesis_host_leases_handed_over_total",
+        "Leases this host handed over to a host that asked for them, after a checkpoint."
+    );
+    describe_counter!(
         "kinesis_host_lease_renewal_failures_total",
         "Lease renewals that failed (other than by losing the lease) and were retried."
     );

@@ -296,6 +296,17 @@ impl ShardWorker {
         self.stats
     }
 
+    /// Replaces the shard's state (before the first batch: the state restored with the
+    /// checkpoint). A state over `task.limits.state.total.bytes` is kept, with a warning: the
+    /// task's writes that grow it are refused.
+    pub fn restore_state(&mut self, state: ShardState) {
+        let limit = self.spec.limits.state_total_bytes;
+        if state.bytes() > limit {
+            tracing::warn!(shard = %self.spec.shard_id, bytes = state.bytes(), limit, "The restored task state is larger than task.limits.state.total.bytes: writes that grow it are refused; raise task.limits.state.total.bytes.");
+        }
+        self.state = state;
+    }
+
     /// Processes every record of `batch`, committing to `sink` as records are done.
     ///
     /// # Errors

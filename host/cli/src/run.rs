@@ -12,11 +12,12 @@ use kinesis_host_coordinator::checkpoint::Checkpoint;
 use kinesis_host_coordinator::efo::FanOut;
 use kinesis_host_coordinator::lease::{Billing, LeaseTable};
 use kinesis_host_coordinator::output::{OutputRecord, Producer};
+use kinesis_host_coordinator::state::{StateChange, StateMap};
 use kinesis_host_coordinator::worker::{
     self, ProcessorError, ProcessorFactory, ShardProcessor, ShardRecord, WorkerConfig,
 };
 use kinesis_host_runtime::{
-    Batch, BatchOutput, Clock, InstanceSpec, Outputs, RecordRef, TaskComponent,
+    Batch, BatchOutput, Clock, InstanceSpec, Outputs, RecordRef, ShardState, TaskComponent,
 };
 
 use crate::config::JobConfig;
@@ -99,6 +100,8 @@ pub fn worker_config(run: &RunConfig, input: &InputStream, worker_id: &str) -> W
                 Arc::new(FanOut::new(consumer_name, consumer_arn.clone(), *resubscribe_interval)),
             ),
         },
+        state_inline_max_bytes: crate::config::DEFAULT_STATE_INLINE_BYTES,
+        graceful_handoff_timeout: kcl.graceful_lease_handoff_timeout,
     }
 }
 
@@ -157,6 +160,7 @@ impl ProcessorFactory for TaskProcessors {
             stream: stream.to_owned(),
             shard_id: shard_id.to_owned(),
             metrics: ProcessorMetrics::new(stream, shard_id),
+            state_changes: Vec::new(),
         }
     }
 }
@@ -193,6 +197,8 @@ pub struct TaskProcessor {
     stream: String,
     shard_id: String,
     metrics: ProcessorMetrics,
+    /// State changes of the records the last `process` reported done.
+    state_changes: Vec<StateChange>,
 }
 
 impl std::fmt::Debug for TaskProcessor {
@@ -210,11 +216,20 @@ struct Collect {
     dead_letter: Option<String>,
     /// Envelopes of the records given up on, in order, with why.
     dead_letters: Vec<(GiveUp, OutputRecord)>,
+    state_changes: Vec<StateChange>,
 }
 
 impl Sink for Collect {
     fn commit(&mut self, batch: &Batch, output: BatchOutput) {
         self.done += batch.len();
+        let written_millis = batch.iter().map(|r| r.approximate_arrival_millis).max().unwrap_or(0);
+        self.state_changes.extend(
+            output.state_changes.into_iter().map(|(key, value)| StateChange {
+                key,
+                value,
+                written_millis,
+            }),
+        );
         self.emits.extend(output.emits.into_iter().map(|e| {
             (
                 e.output,
@@ -337,6 +352,8 @@ impl ShardProcessor for TaskProcessor {
         {
             send_dead_letters(&self.outputs, name, &self.stream, &collected.dead_letters).await?;
         }
+        // The outputs are acknowledged: the done records' state may be checkpointed.
+        self.state_changes = collected.state_changes;
         let done = all.get(..collected.done).unwrap_or(&all);
         self.metrics.records.increment(done.len() as u64);
         self.metrics.bytes.increment(done.iter().map(|r| r.data.len() as u64).sum());
@@ -344,6 +361,16 @@ impl ShardProcessor for TaskProcessor {
             Some(message) => Err(ProcessorError { done: collected.done, message }),
             None => Ok(collected.done),
         }
+    }
+
+    fn restore_state(&mut self, state: &StateMap) {
+        let restored =
+            ShardState::from_entries(state.iter().map(|(k, e)| (k.clone(), e.value.clone())));
+        self.worker.lock().unwrap_or_else(PoisonError::into_inner).restore_state(restored);
+    }
+
+    fn take_state_changes(&mut self) -> Vec<StateChange> {
+        std::mem::take(&mut self.state_changes)
     }
 
     async fn close(self) {
@@ -423,12 +450,14 @@ pub async fn run(
         let clients = AwsClients::new(&aws_settings(&output.aws)?).await;
         outputs.insert(name.clone(), Producer::new(clients.kinesis, output.stream.clone()));
     }
+    let state_inline_bytes = job.state_inline_bytes;
     let factory = Arc::new(TaskProcessors::new(component, Arc::new(job), Arc::new(outputs), clock));
     let mut workers = tokio::task::JoinSet::new();
     for input in &run.inputs {
         let clients = AwsClients::new(&aws_settings(&input.aws)?).await;
         let table = LeaseTable::new(clients.dynamodb.clone(), input.kcl.table_name.clone());
-        let config = worker_config(&run, input, &worker_id);
+        let mut config = worker_config(&run, input, &worker_id);
+        config.state_inline_max_bytes = state_inline_bytes;
         let factory = factory.clone();
         let mut stop = shutdown.clone();
         let stream = input.stream.clone();

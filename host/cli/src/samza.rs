@@ -182,6 +182,9 @@ pub struct KclSettings {
     pub max_leases_to_steal_at_one_time: u32,
     /// `ParentShardPollIntervalMillis`: how often a child shard checks that its parents ended.
     pub parent_shard_poll_interval: Duration,
+    /// `GracefulLeaseHandoffTimeoutMillis` (KCL 3.x): how long a host stealing a live lease
+    /// waits for the owner to hand it over; zero steals at once.
+    pub graceful_lease_handoff_timeout: Duration,
     /// `BillingMode` with `InitialLeaseTableReadCapacity` / `InitialLeaseTableWriteCapacity`:
     /// used only when this host creates the lease table.
     pub billing_mode: BillingMode,
@@ -205,6 +208,7 @@ impl KclSettings {
             max_leases_for_worker: JAVA_INT_MAX,
             max_leases_to_steal_at_one_time: 1,
             parent_shard_poll_interval: Duration::from_millis(10_000),
+            graceful_lease_handoff_timeout: Duration::from_millis(30_000),
             billing_mode: BillingMode::PayPerRequest,
             retrieval: Retrieval::Polling,
         }
@@ -268,6 +272,7 @@ const KCL_USED: &[&str] = &[
     "MaxLeasesForWorker",
     "MaxLeasesToStealAtOneTime",
     "ParentShardPollIntervalMillis",
+    "GracefulLeaseHandoffTimeoutMillis",
     "BillingMode",
     "InitialLeaseTableReadCapacity",
     "InitialLeaseTableWriteCapacity",
@@ -883,6 +888,8 @@ impl<'a> Parser<'a> {
             ms("ShardSyncIntervalMillis", 1)?.unwrap_or(kcl.shard_sync_interval);
         kcl.parent_shard_poll_interval =
             ms("ParentShardPollIntervalMillis", 1)?.unwrap_or(kcl.parent_shard_poll_interval);
+        kcl.graceful_lease_handoff_timeout = ms("GracefulLeaseHandoffTimeoutMillis", 0)?
+            .unwrap_or(kcl.graceful_lease_handoff_timeout);
         let flag = |name: &str| self.get(&scope.kcl_keys(name), boolean);
         kcl.call_process_records_even_for_empty_list =
             flag("CallProcessRecordsEvenForEmptyRecordList")?
@@ -1436,6 +1443,19 @@ mod tests {
         let (config, _) =
             parse(&[("systems.kinesis.streams.clicks.aws.kcl.TableName", "reset-2")])?;
         assert_eq!(config.inputs[0].kcl.table_name, "reset-2");
+        Ok(())
+    }
+
+    #[test]
+    fn graceful_lease_handoff_timeout_defaults_to_kcl_3s_and_zero_turns_it_off()
+    -> Result<(), ConfigError> {
+        let (config, _) = parse(&[])?;
+        let kcl = &config.inputs[0].kcl;
+        assert_eq!(kcl.graceful_lease_handoff_timeout, Duration::from_secs(30));
+        let (config, warnings) =
+            parse(&[("systems.kinesis.aws.kcl.GracefulLeaseHandoffTimeoutMillis", "0")])?;
+        assert_eq!(config.inputs[0].kcl.graceful_lease_handoff_timeout, Duration::ZERO);
+        assert!(warnings.is_empty(), "{warnings:?}");
         Ok(())
     }
 

@@ -11,10 +11,11 @@ use std::time::Duration;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode as DdbBillingMode, KeySchemaElement, KeyType,
-    ProvisionedThroughput, ScalarAttributeType, TableStatus,
+    ProvisionedThroughput, ReturnValue, ScalarAttributeType, TableStatus,
 };
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::state::{StateRef, StateStore, attr as state_attr};
 
 /// KCL's attribute names.
 pub mod attr {
@@ -46,6 +47,9 @@ pub mod attr {
     pub const PENDING_CHECKPOINT_STATE: &str = "pendingCheckpointState";
     /// KCL 3.5 stores other entities in the lease table; leases have none or `LEASE`.
     pub const ENTITY_TYPE: &str = "entityType";
+    /// KCL 3.x graceful hand-off: the current (outgoing) owner, while `leaseOwner` already
+    /// names the next one.
+    pub const CHECKPOINT_OWNER: &str = "checkpointOwner";
 }
 
 /// One lease: a shard and who processes it, up to where.
@@ -67,6 +71,10 @@ pub struct Lease {
     pub child_shard_ids: Vec<String>,
     /// The shard's hash key range (decimal strings), when known.
     pub hash_range: Option<(String, String)>,
+    /// The task state committed with the checkpoint (`hostState*` attributes), if any.
+    pub state: Option<StateRef>,
+    /// During a graceful hand-off, the outgoing owner (`owner` is then the next one).
+    pub checkpoint_owner: Option<String>,
 }
 
 impl Lease {
@@ -81,6 +89,8 @@ impl Lease {
             parent_shard_ids: parents,
             child_shard_ids: Vec::new(),
             hash_range: None,
+            state: None,
+            checkpoint_owner: None,
         }
     }
 }
@@ -152,6 +162,8 @@ pub enum LeaseError {
 pub struct LeaseTable {
     client: Client,
     table: String,
+    /// Whether the companion state table is known to exist (shared by clones).
+    state_ready: std::sync::Arc<tokio::sync::OnceCell<()>>,
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -167,7 +179,12 @@ use crate::sdk_error::message as sdk_message;
 impl LeaseTable {
     /// The table `table`, reached with `client`.
     pub fn new(client: Client, table: impl Into<String>) -> Self {
-        Self { client, table: table.into() }
+        Self { client, table: table.into(), state_ready: std::sync::Arc::default() }
+    }
+
+    /// The companion table holding the task state snapshots too large to be inline.
+    pub fn state_store(&self) -> StateStore {
+        StateStore::new(self.client.clone(), &self.table, self.state_ready.clone())
     }
 
     /// The table's name.
@@ -376,13 +393,29 @@ impl LeaseTable {
             ("#pendingsub", attr::PENDING_CHECKPOINT_SUB),
             ("#pendingstate", attr::PENDING_CHECKPOINT_STATE),
             ("#children", attr::CHILD_SHARD_IDS),
+            ("#hsinline", state_attr::STATE),
+            ("#hsversion", state_attr::STATE_VERSION),
+            ("#hschunks", state_attr::STATE_CHUNKS),
+            ("#hsbytes", state_attr::STATE_BYTES),
+            ("#hsdigest", state_attr::STATE_DIGEST),
+            ("#ckptowner", attr::CHECKPOINT_OWNER),
         ] {
             if set.contains(placeholder) {
                 request = request.expression_attribute_names(placeholder, name);
             }
         }
-        match request.send().await {
-            Ok(_) => Ok(updated),
+        match request.return_values(ReturnValue::AllNew).send().await {
+            Ok(out) => {
+                // The owner fields as they are now: a graceful hand-off may have named the next
+                // owner without moving the counter.
+                let mut updated = updated;
+                if let Some(item) = out.attributes() {
+                    let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
+                    updated.owner = text(attr::LEASE_OWNER);
+                    updated.checkpoint_owner = text(attr::CHECKPOINT_OWNER);
+                }
+                Ok(updated)
+            }
             Err(e)
                 if e.as_service_error()
                     .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
@@ -398,20 +431,22 @@ impl LeaseTable {
     /// # Errors
     /// [`LeaseError::Lost`] when someone else wrote it first.
     pub async fn take(&self, lease: &Lease, owner: &str) -> Result<Lease, LeaseError> {
-        let switched = lease.owner.as_deref() != Some(owner);
+        // A lease marked for a hand-off to us already names us as owner, but changes hands.
+        let switched = lease.owner.as_deref() != Some(owner) || lease.checkpoint_owner.is_some();
         let mut updated = lease.clone();
         updated.owner = Some(owner.to_owned());
+        updated.checkpoint_owner = None;
         updated.counter += 1;
         let mut values = vec![(":me", s(owner))];
         let set = if switched {
             updated.owner_switches_since_checkpoint += 1;
             values.push((":one", n(1)));
-            "SET #counter = :next, #owner = :me ADD #switches :one"
+            "SET #counter = :next, #owner = :me REMOVE #ckptowner ADD #switches :one"
         } else {
-            "SET #counter = :next, #owner = :me"
+            "SET #counter = :next, #owner = :me REMOVE #ckptowner"
         };
         let taken = self.update("UpdateItem (take)", lease, set, values, updated).await?;
-        tracing::info!(table = %self.table, lease = %lease.key, owner, counter = taken.counter, previous_owner = lease.owner.as_deref().unwrap_or("-"), "Took lease.");
+        tracing::info!(table = %self.table, lease = %lease.key, owner, counter = taken.counter, previous_owner = lease.checkpoint_owner.as_deref().or(lease.owner.as_deref()).unwrap_or("-"), "Took lease.");
         Ok(taken)
     }
 
@@ -435,24 +470,56 @@ impl LeaseTable {
         lease: &Lease,
         checkpoint: Checkpoint,
     ) -> Result<Lease, LeaseError> {
+        self.checkpoint_with_state(lease, checkpoint, None).await
+    }
+
+    /// Checkpoints `lease` at `checkpoint` and, with `state`, names the task state that matches
+    /// it, in the same conditional write: the one commit point of checkpoint and state.
+    ///
+    /// # Errors
+    /// As [`LeaseTable::checkpoint`].
+    pub async fn checkpoint_with_state(
+        &self,
+        lease: &Lease,
+        checkpoint: Checkpoint,
+        state: Option<StateRef>,
+    ) -> Result<Lease, LeaseError> {
         let mut updated = lease.clone();
         updated.counter += 1;
         updated.owner_switches_since_checkpoint = 0;
-        let values = vec![
+        let mut values = vec![
             (":cp", s(checkpoint.as_str())),
             (":cpsub", n(checkpoint.sub_sequence_number())),
             (":zero", n(0)),
         ];
         updated.checkpoint = checkpoint;
-        self.update(
-            "UpdateItem (checkpoint)",
-            lease,
-            "SET #counter = :next, #cp = :cp, #cpsub = :cpsub, #switches = :zero \
-             REMOVE #pending, #pendingsub, #pendingstate",
-            values,
-            updated,
-        )
-        .await
+        let set = "SET #counter = :next, #cp = :cp, #cpsub = :cpsub, #switches = :zero";
+        let remove = "REMOVE #pending, #pendingsub, #pendingstate";
+        let expression = match &state {
+            None => format!("{set} {remove}"),
+            Some(StateRef::Inline { data, digest }) => {
+                values.push((":hs", AttributeValue::B(data.clone().into())));
+                values.push((":hsdigest", s(digest)));
+                format!(
+                    "{set}, #hsinline = :hs, #hsdigest = :hsdigest \
+                     {remove}, #hsversion, #hschunks, #hsbytes"
+                )
+            }
+            Some(StateRef::Stored { version, chunks, bytes, digest }) => {
+                values.push((":hsversion", s(version)));
+                values.push((":hschunks", n(u64::from(*chunks))));
+                values.push((":hsbytes", n(*bytes)));
+                values.push((":hsdigest", s(digest)));
+                format!(
+                    "{set}, #hsversion = :hsversion, #hschunks = :hschunks, #hsbytes = :hsbytes, \
+                     #hsdigest = :hsdigest {remove}, #hsinline"
+                )
+            }
+        };
+        if state.is_some() {
+            updated.state = state;
+        }
+        self.update("UpdateItem (checkpoint)", lease, &expression, values, updated).await
     }
 
     /// Records a shard's children on its lease (at shard end).
@@ -485,15 +552,114 @@ impl LeaseTable {
         let mut updated = lease.clone();
         updated.counter += 1;
         updated.owner = None;
+        updated.checkpoint_owner = None;
         self.update(
             "UpdateItem (release)",
             lease,
-            "SET #counter = :next REMOVE #owner",
+            "SET #counter = :next REMOVE #owner, #ckptowner",
             vec![],
             updated,
         )
         .await?;
         tracing::info!(table = %self.table, lease = %lease.key, "Released lease.");
+        Ok(())
+    }
+
+    /// Asks the live owner of `lease` to hand it over to `taker` (KCL 3.x's graceful hand-off):
+    /// names `taker` as `leaseOwner` and the current owner as `checkpointOwner`, without moving
+    /// the counter, so the owner's renewals and checkpoints go on until it hands the lease over.
+    /// Returns whether the mark was written (not when the owner changed or another hand-off is
+    /// pending).
+    ///
+    /// # Errors
+    /// When DynamoDB fails.
+    pub async fn request_handoff(&self, lease: &Lease, taker: &str) -> Result<bool, LeaseError> {
+        let Some(owner) = &lease.owner else {
+            return Ok(false);
+        };
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(attr::LEASE_KEY, s(&lease.key))
+            .update_expression("SET #owner = :taker, #ckptowner = :owner")
+            .condition_expression("#owner = :owner AND attribute_not_exists(#ckptowner)")
+            .expression_attribute_names("#owner", attr::LEASE_OWNER)
+            .expression_attribute_names("#ckptowner", attr::CHECKPOINT_OWNER)
+            .expression_attribute_values(":taker", s(taker))
+            .expression_attribute_values(":owner", s(owner))
+            .send()
+            .await;
+        match result {
+            Ok(_) => {
+                tracing::info!(table = %self.table, lease = %lease.key, owner, taker, "Asked the owner to hand the lease over.");
+                Ok(true)
+            }
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => {
+                Err(self.aws("UpdateItem (hand-off request)", Some(&lease.key), sdk_message(&e)))
+            }
+        }
+    }
+
+    /// Withdraws a hand-off that `taker` asked for and that is still pending: names the
+    /// current owner (`checkpointOwner`) as `leaseOwner` again. Returns whether it did.
+    ///
+    /// # Errors
+    /// When DynamoDB fails.
+    pub async fn cancel_handoff(&self, key: &str, taker: &str) -> Result<bool, LeaseError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(attr::LEASE_KEY, s(key))
+            .update_expression("SET #owner = #ckptowner REMOVE #ckptowner")
+            .condition_expression("#owner = :taker AND attribute_exists(#ckptowner)")
+            .expression_attribute_names("#owner", attr::LEASE_OWNER)
+            .expression_attribute_names("#ckptowner", attr::CHECKPOINT_OWNER)
+            .expression_attribute_values(":taker", s(taker))
+            .send()
+            .await;
+        match result {
+            Ok(_) => {
+                tracing::info!(table = %self.table, lease = %key, "Withdrew the hand-off request.");
+                Ok(true)
+            }
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.aws("UpdateItem (hand-off withdrawal)", Some(key), sdk_message(&e))),
+        }
+    }
+
+    /// Hands `lease` (as last written by us, its outgoing owner) over to `next`, after the last
+    /// checkpoint: names `next` as owner, removes `checkpointOwner` and moves the counter.
+    ///
+    /// # Errors
+    /// [`LeaseError::Lost`] when the lease changed since.
+    pub async fn hand_over(&self, lease: &Lease, next: &str) -> Result<(), LeaseError> {
+        let mut updated = lease.clone();
+        updated.counter += 1;
+        updated.owner = Some(next.to_owned());
+        updated.checkpoint_owner = None;
+        updated.owner_switches_since_checkpoint += 1;
+        self.update(
+            "UpdateItem (hand over)",
+            lease,
+            "SET #counter = :next, #owner = :taker REMOVE #ckptowner ADD #switches :one",
+            vec![(":taker", s(next)), (":one", n(1))],
+            updated,
+        )
+        .await?;
+        tracing::info!(table = %self.table, lease = %lease.key, next, "Handed lease over.");
         Ok(())
     }
 
@@ -562,7 +728,119 @@ impl LeaseTable {
             hash_range: text(attr::STARTING_HASH_KEY)
                 .zip(text(attr::ENDING_HASH_KEY))
                 .map(|(a, b)| (a.to_owned(), b.to_owned())),
+            state: self.parse_state(item, &malformed)?,
+            checkpoint_owner: text(attr::CHECKPOINT_OWNER).map(str::to_owned),
             key,
         }))
+    }
+
+    /// The `hostState*` attributes of a lease item.
+    fn parse_state(
+        &self,
+        item: &HashMap<String, AttributeValue>,
+        malformed: &dyn Fn(String) -> LeaseError,
+    ) -> Result<Option<StateRef>, LeaseError> {
+        let digest = item.get(state_attr::STATE_DIGEST).and_then(|v| v.as_s().ok()).cloned();
+        let number = |name: &str| -> Result<u64, LeaseError> {
+            match item.get(name) {
+                Some(AttributeValue::N(v)) => {
+                    v.parse().map_err(|_| malformed(format!("{name} is {v:?}, not a whole number")))
+                }
+                other => Err(malformed(format!("{name} is {other:?}, not a number"))),
+            }
+        };
+        let Some(digest) = digest else {
+            return Ok(None);
+        };
+        if let Some(AttributeValue::B(data)) = item.get(state_attr::STATE) {
+            return Ok(Some(StateRef::Inline { data: data.clone().into_inner(), digest }));
+        }
+        let Some(version) = item.get(state_attr::STATE_VERSION).and_then(|v| v.as_s().ok()) else {
+            return Err(malformed(format!(
+                "it has {} but neither {} nor {}",
+                state_attr::STATE_DIGEST,
+                state_attr::STATE,
+                state_attr::STATE_VERSION
+            )));
+        };
+        Ok(Some(StateRef::Stored {
+            version: version.clone(),
+            chunks: u32::try_from(number(state_attr::STATE_CHUNKS)?)
+                .map_err(|_| malformed(format!("{} is too large", state_attr::STATE_CHUNKS)))?,
+            bytes: number(state_attr::STATE_BYTES)?,
+            digest,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> LeaseTable {
+        let config = aws_sdk_dynamodb::Config::builder()
+            .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+            .build();
+        LeaseTable::new(Client::from_conf(config), "t")
+    }
+
+    fn item(extra: &[(&str, AttributeValue)]) -> HashMap<String, AttributeValue> {
+        let mut item: HashMap<String, AttributeValue> = [
+            (attr::LEASE_KEY.to_owned(), s("shardId-000000000001")),
+            (attr::LEASE_COUNTER.to_owned(), n(7)),
+            (attr::CHECKPOINT.to_owned(), s("42")),
+        ]
+        .into();
+        item.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        item
+    }
+
+    #[test]
+    fn reads_the_state_a_lease_names_and_the_hand_off_mark() {
+        let t = table();
+        let plain = t.parse_item(&item(&[])).ok().flatten().expect("a lease");
+        assert_eq!((plain.state, plain.checkpoint_owner), (None, None));
+
+        let inline = t
+            .parse_item(&item(&[
+                (state_attr::STATE, AttributeValue::B(vec![1, 0].into())),
+                (state_attr::STATE_DIGEST, s("d")),
+                (attr::CHECKPOINT_OWNER, s("a")),
+                (attr::LEASE_OWNER, s("b")),
+            ]))
+            .ok()
+            .flatten()
+            .expect("a lease");
+        assert_eq!(inline.state, Some(StateRef::Inline { data: vec![1, 0], digest: "d".into() }));
+        assert_eq!(inline.checkpoint_owner.as_deref(), Some("a"));
+        assert_eq!(inline.owner.as_deref(), Some("b"));
+
+        let stored = t
+            .parse_item(&item(&[
+                (state_attr::STATE_VERSION, s("v")),
+                (state_attr::STATE_CHUNKS, n(3)),
+                (state_attr::STATE_BYTES, n(600_000)),
+                (state_attr::STATE_DIGEST, s("d")),
+            ]))
+            .ok()
+            .flatten()
+            .expect("a lease");
+        assert_eq!(
+            stored.state,
+            Some(StateRef::Stored {
+                version: "v".into(),
+                chunks: 3,
+                bytes: 600_000,
+                digest: "d".into()
+            })
+        );
+
+        // A digest that names no snapshot is refused, naming the lease.
+        let error = t
+            .parse_item(&item(&[(state_attr::STATE_DIGEST, s("d"))]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("shardId-000000000001") && error.contains("hostStateVersion"));
     }
 }

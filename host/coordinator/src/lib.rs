@@ -12,4 +12,5 @@ pub mod lease;
 pub mod output;
 pub mod reader;
 pub mod sdk_error;
+pub mod state;
 pub mod worker;

@@ -16,6 +16,7 @@ use crate::efo::{EfoError, FanOut, Source};
 use crate::kpl;
 use crate::lease::{Billing, Lease, LeaseError, LeaseTable};
 use crate::reader::{ReadError, list_shards};
+use crate::state::{self, StateChange, StateError, StateMap, StateRef};
 
 /// A user record ready for a task: de-aggregated, in shard order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +59,19 @@ pub trait ShardProcessor: Send + 'static {
 
     /// Called once when the shard stops on this host (shutdown, lease lost, shard end).
     fn close(self) -> impl Future<Output = ()> + Send;
+
+    /// Called once before the first `process`: the task state that matches the checkpoint the
+    /// shard resumes from (restored from the lease, or inherited from the parent shards).
+    fn restore_state(&mut self, state: &StateMap) {
+        let _ = state;
+    }
+
+    /// The state changes of the records the last `process` call reported done (also when it
+    /// returned an error with `done` > 0), in order; each call drains them. The worker stores
+    /// the state with the checkpoint after those records.
+    fn take_state_changes(&mut self) -> Vec<StateChange> {
+        Vec::new()
+    }
 }
 
 /// Creates processors.
@@ -102,6 +116,12 @@ pub struct WorkerConfig {
     pub billing: Billing,
     /// Enhanced fan-out (`SubscribeToShard`) instead of polling, when set.
     pub fan_out: Option<Arc<FanOut>>,
+    /// Largest task state snapshot carried inline in the lease item; a larger one goes to the
+    /// companion table `<lease table>-state` (capped at [`state::MAX_INLINE_BYTES`]).
+    pub state_inline_max_bytes: usize,
+    /// How long a host that steals a live lease waits for its owner to finish, checkpoint and
+    /// hand the lease over, before it takes the lease anyway; zero steals at once.
+    pub graceful_handoff_timeout: Duration,
 }
 
 /// Why the worker stopped.
@@ -126,6 +146,8 @@ struct Held {
     /// When the lease was last written by us (renew or checkpoint).
     renewed: std::sync::Mutex<Instant>,
     stop: watch::Sender<bool>,
+    /// The host this one was asked to hand the lease over to (a graceful hand-off).
+    handoff: std::sync::Mutex<Option<String>>,
 }
 
 /// Shards whose processing failed on this host, and until when this host leaves them to others
@@ -159,6 +181,8 @@ pub async fn run<F: ProcessorFactory>(
 /// - `kinesis_host_leases_stolen_total`: leases taken from a live owner to balance the load;
 /// - `kinesis_host_leases_lost_total`: held leases another host took (or that expired here);
 /// - `kinesis_host_leases_released_total`: leases released (at a stop, or when a shard failed);
+/// - `kinesis_host_leases_handed_over_total`: leases handed over, after a checkpoint, to a host
+///   that asked for them (a graceful hand-off);
 /// - `kinesis_host_lease_renewal_failures_total`: renewals that failed for a reason other than
 ///   a lost lease (the renewal is retried at the next tick);
 /// - `kinesis_host_checkpoints_total` (also labelled `shard`): checkpoints written;
@@ -189,6 +213,8 @@ pub async fn run_with<F: ProcessorFactory>(
     let cooldown: Cooldown = Arc::default();
     let mut tasks = JoinSet::new();
     let mut seen: HashMap<String, (u64, Instant)> = HashMap::new();
+    // Leases this host asked their owners to hand over, and since when.
+    let mut handoffs: HashMap<String, Instant> = HashMap::new();
     let tick = (config.failover_time / 3)
         .saturating_sub(Duration::from_millis(25))
         .max(Duration::from_millis(50));
@@ -197,7 +223,16 @@ pub async fn run_with<F: ProcessorFactory>(
     loop {
         renew_all(&table, &held, &config).await;
         match take_leases(
-            &kinesis, &table, &config, &factory, &held, &wake, &cooldown, &mut tasks, &mut seen,
+            &kinesis,
+            &table,
+            &config,
+            &factory,
+            &held,
+            &wake,
+            &cooldown,
+            &mut tasks,
+            &mut seen,
+            &mut handoffs,
         )
         .await
         {
@@ -249,6 +284,13 @@ pub async fn run_with<F: ProcessorFactory>(
         }
     }
     tracing::info!(stream = %config.stream, "Shutting down: finishing batches in flight.");
+    // Hand-offs asked for and not completed: give the leases back to their owners, so they do
+    // not hand them over to a host that is going away.
+    for key in handoffs.keys() {
+        if let Err(error) = table.cancel_handoff(key, &config.worker_id).await {
+            tracing::warn!(lease = %key, %error, "Could not withdraw the hand-off request; the lease is taken by another host when it expires.");
+        }
+    }
     for h in held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).values() {
         let _ = h.stop.send(true);
     }
@@ -351,6 +393,22 @@ async fn renew_all(
         let result = if expired { Err(None) } else { table.renew(&lease).await.map_err(Some) };
         match result {
             Ok(renewed) => {
+                // Another host asked for the lease (KCL 3.x's mark): finish the batch in
+                // flight, checkpoint and hand it over (see `shard_task`).
+                let next = renewed
+                    .owner
+                    .as_ref()
+                    .filter(|_| renewed.checkpoint_owner.as_deref() == Some(&config.worker_id))
+                    .filter(|next| **next != config.worker_id);
+                if let Some(next) = next {
+                    let mut handoff =
+                        h.handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if handoff.is_none() {
+                        tracing::info!(lease = %key, next, "Handing the lease over: finishing the batch in flight and checkpointing.");
+                        *handoff = Some(next.clone());
+                        let _ = h.stop.send(true);
+                    }
+                }
                 *lease = renewed;
                 if let Ok(mut r) = h.renewed.lock() {
                     *r = Instant::now();
@@ -381,6 +439,7 @@ async fn take_leases<F: ProcessorFactory>(
     cooldown: &Cooldown,
     tasks: &mut JoinSet<()>,
     seen: &mut HashMap<String, (u64, Instant)>,
+    handoffs: &mut HashMap<String, Instant>,
 ) -> Result<(), LeaseError> {
     let now = Instant::now();
     let resting: HashSet<String> = cooldown
@@ -418,6 +477,36 @@ async fn take_leases<F: ProcessorFactory>(
         }
     }
     seen.retain(|k, _| by_key.contains_key(k.as_str()));
+    // Hand-offs this host asked for: take the lease once its owner handed it over, or as a
+    // plain steal when it has not within the timeout; forget it when the lease went elsewhere.
+    let me = Some(config.worker_id.as_str());
+    let mut adopt: Vec<&Lease> = Vec::new();
+    handoffs.retain(|key, since| {
+        let Some(lease) = by_key.get(key.as_str()) else { return false };
+        let pending = lease.owner.as_deref() == me
+            && lease.checkpoint != Checkpoint::ShardEnd
+            && !mine.contains(key);
+        if pending
+            && lease.checkpoint_owner.is_some()
+            && since.elapsed() >= config.graceful_handoff_timeout
+        {
+            tracing::info!(lease = %key, owner = lease.checkpoint_owner.as_deref().unwrap_or("-"), "The owner did not hand the lease over in time: taking it.");
+            adopt.push(lease);
+        }
+        pending
+    });
+    // Leases that name this host as owner, no hand-off pending, but that it does not hold:
+    // handed over to it (by one of ours or a KCL 3.x worker), or left by a failed release.
+    adopt.extend(leases.iter().filter(|l| {
+        l.owner.as_deref() == me
+            && l.checkpoint_owner.is_none()
+            && l.checkpoint != Checkpoint::ShardEnd
+            && !mine.contains(&l.key)
+            && !resting.contains(&l.key)
+            && l.parent_shard_ids.iter().all(|p| {
+                by_key.get(p.as_str()).is_none_or(|pl| pl.checkpoint == Checkpoint::ShardEnd)
+            })
+    }));
     if config.cleanup_leases_upon_shard_completion {
         cleanup(table, &leases, &by_key).await;
     }
@@ -428,7 +517,7 @@ async fn take_leases<F: ProcessorFactory>(
     let target = if workers >= active { 1 } else { active.div_ceil(workers) }
         .min(config.max_leases_for_worker);
     let needed = target.saturating_sub(mine.len());
-    if needed == 0 {
+    if needed == 0 && adopt.is_empty() {
         return Ok(());
     }
     // A child waits until all its parents finished (a missing parent lease does not block).
@@ -444,7 +533,8 @@ async fn take_leases<F: ProcessorFactory>(
         .take(needed)
         .collect();
     let mut stealing = false;
-    if to_take.is_empty() {
+    let mut to_mark: Vec<&Lease> = Vec::new();
+    if to_take.is_empty() && handoffs.is_empty() {
         // Steal from the most loaded worker, bounded per round.
         let victim = counts
             .iter()
@@ -465,16 +555,28 @@ async fn take_leases<F: ProcessorFactory>(
                 .filter(|l| {
                     l.owner.as_deref() == Some(victim.as_str())
                         && l.checkpoint != Checkpoint::ShardEnd
+                        && l.checkpoint_owner.is_none()
                         && ready(l)
                 })
                 .take(n)
                 .collect();
             stealing = true;
         }
+        if stealing && !config.graceful_handoff_timeout.is_zero() {
+            to_mark = std::mem::take(&mut to_take);
+        }
     }
-    for lease in to_take {
+    for lease in to_mark {
+        if table.request_handoff(lease, &config.worker_id).await? {
+            handoffs.insert(lease.key.clone(), Instant::now());
+        }
+    }
+    let adopted = adopt.len();
+    for (index, lease) in adopt.into_iter().chain(to_take).enumerate() {
+        let stealing = stealing || index < adopted;
         match table.take(lease, &config.worker_id).await {
             Ok(taken) => {
+                handoffs.remove(&lease.key);
                 count("kinesis_host_leases_taken_total", &config.stream);
                 if stealing {
                     count("kinesis_host_leases_stolen_total", &config.stream);
@@ -484,6 +586,7 @@ async fn take_leases<F: ProcessorFactory>(
                     lease: Mutex::new(taken),
                     renewed: std::sync::Mutex::new(Instant::now()),
                     stop,
+                    handoff: std::sync::Mutex::new(None),
                 });
                 held.lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -523,7 +626,13 @@ async fn cleanup(table: &LeaseTable, leases: &[Lease], by_key: &HashMap<&str, &L
         let parents_gone = lease.parent_shard_ids.iter().all(|p| !by_key.contains_key(p.as_str()));
         if children_started && parents_gone {
             match table.delete(&lease.key).await {
-                Ok(()) => tracing::info!(lease = %lease.key, "Deleted the finished shard's lease."),
+                Ok(()) => {
+                    tracing::info!(lease = %lease.key, "Deleted the finished shard's lease.");
+                    // Its children committed their own state at their first checkpoint.
+                    if let Err(error) = table.state_store().delete_all(&lease.key).await {
+                        tracing::warn!(lease = %lease.key, %error, "Could not delete the finished shard's state snapshots.");
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(lease = %lease.key, %error, "Could not delete a finished lease.")
                 }
@@ -578,9 +687,24 @@ async fn shard_task<P: ShardProcessor>(
         }
         Ended::Lost => {}
         Ended::Stopped => {
+            let next =
+                held.handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
             // Released by the worker at shutdown; after an error, released now so another
             // host (or this one, later) retries from the checkpoint.
-            if !*stop.borrow() {
+            if let Some(next) = next.filter(|_| *stop.borrow()) {
+                // Asked to hand the lease over: the last batch is checkpointed, so the next
+                // owner starts right after it.
+                registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
+                let lease = held.lease.lock().await;
+                match table.hand_over(&lease, &next).await {
+                    Ok(()) => count("kinesis_host_leases_handed_over_total", &config.stream),
+                    Err(error) => {
+                        count("kinesis_host_leases_lost_total", &config.stream);
+                        tracing::info!(shard = %key, %error, "Could not hand the lease over; the other host takes it when its wait ends.");
+                    }
+                }
+                wake.notify_one();
+            } else if !*stop.borrow() {
                 registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
                 let lease = held.lease.lock().await;
                 match table.release(&lease).await {
@@ -603,8 +727,35 @@ async fn checkpoint(
     held: &Held,
     at: Checkpoint,
     config: &WorkerConfig,
-) -> Result<bool, LeaseError> {
+    task_state: &mut TaskState,
+) -> Result<bool, ShardTaskError> {
     let stream = config.stream.as_str();
+    // A changed state is written first (to the state table when large, outside the lease lock
+    // so renewals go on); the conditional checkpoint below then names it, or fails and nobody
+    // ever reads it.
+    let prepared = if task_state.dirty {
+        let (key, counter, current) = {
+            let lease = held.lease.lock().await;
+            (lease.key.clone(), lease.counter, lease.checkpoint.clone())
+        };
+        if current >= at && at != Checkpoint::ShardEnd {
+            return Ok(true);
+        }
+        Some(
+            table
+                .state_store()
+                .prepare(
+                    &key,
+                    &task_state.map,
+                    counter,
+                    config.state_inline_max_bytes,
+                    config.billing,
+                )
+                .await?,
+        )
+    } else {
+        None
+    };
     let mut lease = held.lease.lock().await;
     if lease.checkpoint >= at && at != Checkpoint::ShardEnd {
         return Ok(true);
@@ -616,7 +767,8 @@ async fn checkpoint(
         tracing::info!(shard = %lease.key, "Lost lease: not renewed within the failover time, so it cannot checkpoint; stopping the shard.");
         return Ok(false);
     }
-    match table.checkpoint(&lease, at).await {
+    let previous_stored = matches!(lease.state, Some(StateRef::Stored { .. }));
+    match table.checkpoint_with_state(&lease, at, prepared.clone()).await {
         Ok(updated) => {
             let shard = updated.key.clone();
             metrics::counter!(
@@ -626,9 +778,31 @@ async fn checkpoint(
             )
             .increment(1);
             tracing::debug!(shard = %updated.key, checkpoint = %updated.checkpoint, "Checkpointed.");
+            let committed_counter = updated.counter;
             *lease = updated;
             if let Ok(mut r) = held.renewed.lock() {
                 *r = Instant::now();
+            }
+            let key = lease.key.clone();
+            drop(lease);
+            if let Some(prepared) = prepared {
+                task_state.dirty = false;
+                let keep = match &prepared {
+                    StateRef::Stored { version, .. } => Some(version.as_str()),
+                    StateRef::Inline { .. } => None,
+                };
+                // Older versions can no longer be named by anyone: the lease names `keep`,
+                // and a later owner writes versions numbered above `committed_counter`.
+                if previous_stored || keep.is_some() {
+                    match table.state_store().collect_garbage(&key, keep, committed_counter).await {
+                        Ok(deleted) => {
+                            tracing::debug!(shard = %key, deleted, "Deleted superseded state snapshots.");
+                        }
+                        Err(error) => {
+                            tracing::warn!(shard = %key, %error, "Could not delete superseded state snapshots; the next checkpoint tries again.");
+                        }
+                    }
+                }
             }
             Ok(true)
         }
@@ -636,8 +810,53 @@ async fn checkpoint(
             tracing::info!(shard = %lease.key, "Lost lease: cannot checkpoint; stopping the shard.");
             Ok(false)
         }
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
+}
+
+/// A shard's task state as this host holds it: the state matching the records processed so
+/// far, and whether the lease does not name it yet.
+#[derive(Debug, Default)]
+struct TaskState {
+    map: StateMap,
+    dirty: bool,
+}
+
+/// The task state a shard resumes with: the state its lease names (committed with its
+/// checkpoint); for a child shard that has not checkpointed yet, its parents' final states
+/// merged (see [`state::merge_parents`]); otherwise none.
+async fn restore_state(table: &LeaseTable, lease: &Lease) -> Result<TaskState, ShardTaskError> {
+    let store = table.state_store();
+    if let Some(named) = &lease.state {
+        let map = store.load(&lease.key, named).await?;
+        tracing::info!(shard = %lease.key, keys = map.len(), checkpoint = %lease.checkpoint, "Restored the task state of the checkpoint.");
+        return Ok(TaskState { map, dirty: false });
+    }
+    let fresh = matches!(lease.checkpoint, Checkpoint::TrimHorizon | Checkpoint::AtTimestamp);
+    if !fresh || lease.parent_shard_ids.is_empty() {
+        return Ok(TaskState::default());
+    }
+    let mut parents = Vec::new();
+    for parent in &lease.parent_shard_ids {
+        match table.get(parent).await? {
+            Some(p) => {
+                let start =
+                    p.hash_range.as_ref().and_then(|(a, _)| kpl::parse_hash_key(a)).unwrap_or(0);
+                let map = match &p.state {
+                    Some(named) => store.load(parent, named).await?,
+                    None => StateMap::new(),
+                };
+                parents.push((start, map));
+            }
+            None => {
+                tracing::warn!(shard = %lease.key, parent, "The parent shard's lease is gone: the shard starts without the parent's state.");
+            }
+        }
+    }
+    let map = state::merge_parents(parents);
+    tracing::info!(shard = %lease.key, parents = ?lease.parent_shard_ids, keys = map.len(), "Starting from the parent shards' state.");
+    let dirty = !map.is_empty();
+    Ok(TaskState { map, dirty })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -650,6 +869,8 @@ enum ShardTaskError {
     Lease(#[from] LeaseError),
     #[error("the task stopped: {0}")]
     Processor(#[from] ProcessorError),
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 async fn consume<P: ShardProcessor>(
@@ -660,13 +881,15 @@ async fn consume<P: ShardProcessor>(
     processor: &mut P,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Ended, ShardTaskError> {
-    let (key, start, range) = {
+    let (key, start, range, taken) = {
         let lease = held.lease.lock().await;
         let range = lease.hash_range.as_ref().and_then(|(a, b)| {
             Some(kpl::HashKeyRange { start: kpl::parse_hash_key(a)?, end: kpl::parse_hash_key(b)? })
         });
-        (lease.key.clone(), lease.checkpoint.clone(), range)
+        (lease.key.clone(), lease.checkpoint.clone(), range, lease.clone())
     };
+    let mut task_state = restore_state(table, &taken).await?;
+    processor.restore_state(&task_state.map);
     // Leases written by KCL 1.x carry no hash range: take it from the stream (KCL back-fills
     // it the same way), since the de-aggregation filter needs it after resharding.
     let range = match range {
@@ -694,7 +917,7 @@ async fn consume<P: ShardProcessor>(
     let mut dirty = false;
     loop {
         if *stop.borrow() {
-            if dirty && !checkpoint(table, held, done.clone(), config).await? {
+            if dirty && !checkpoint(table, held, done.clone(), config, &mut task_state).await? {
                 return Ok(Ended::Lost);
             }
             return Ok(Ended::Stopped);
@@ -753,6 +976,11 @@ async fn consume<P: ShardProcessor>(
                     ),
                     Err(e) => (e.done.min(count), Some(e)),
                 };
+            let changes = processor.take_state_changes();
+            if !changes.is_empty() {
+                state::apply(&mut task_state.map, changes);
+                task_state.dirty = true;
+            }
             if let Some(last) = processed.checked_sub(1).and_then(|i| records.get(i)) {
                 done = Checkpoint::after(&last.sequence_number, last.sub_sequence_number);
                 reader.processed(done.clone());
@@ -760,14 +988,14 @@ async fn consume<P: ShardProcessor>(
             }
             if let Some(failure) = failure {
                 // Keep what was done, then stop the shard on this host.
-                if dirty && !checkpoint(table, held, done.clone(), config).await? {
+                if dirty && !checkpoint(table, held, done.clone(), config, &mut task_state).await? {
                     return Ok(Ended::Lost);
                 }
                 return Err(failure.into());
             }
         }
         if let Some(children) = fetch.shard_end {
-            if dirty && !checkpoint(table, held, done.clone(), config).await? {
+            if dirty && !checkpoint(table, held, done.clone(), config, &mut task_state).await? {
                 return Ok(Ended::Lost);
             }
             for child in &children {
@@ -791,14 +1019,14 @@ async fn consume<P: ShardProcessor>(
                     }
                 }
             }
-            if !checkpoint(table, held, Checkpoint::ShardEnd, config).await? {
+            if !checkpoint(table, held, Checkpoint::ShardEnd, config, &mut task_state).await? {
                 return Ok(Ended::Lost);
             }
             tracing::info!(shard = %key, "Shard finished (SHARD_END).");
             return Ok(Ended::ShardEnd);
         }
         if dirty && last_commit.elapsed() >= config.commit_interval {
-            if !checkpoint(table, held, done.clone(), config).await? {
+            if !checkpoint(table, held, done.clone(), config, &mut task_state).await? {
                 return Ok(Ended::Lost);
             }
             dirty = false;

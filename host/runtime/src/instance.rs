@@ -88,6 +88,23 @@ impl ShardState {
         self.bytes
     }
 
+    /// A state holding `entries` (restored from a checkpoint, say).
+    pub fn from_entries(entries: impl IntoIterator<Item = (String, Vec<u8>)>) -> Self {
+        let entries: BTreeMap<String, Vec<u8>> = entries.into_iter().collect();
+        let bytes = entries.iter().map(|(k, v)| k.len() + v.len()).sum();
+        Self { entries, bytes }
+    }
+
+    /// The number of keys.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there is no key.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     fn apply(&mut self, changes: &[(String, Option<Vec<u8>>)], bytes: usize) {
         for (key, value) in changes {
             match value {
@@ -191,6 +208,8 @@ pub(crate) struct HostState {
     state: ShardState,
     pending: HashMap<String, Option<Vec<u8>>>,
     state_bytes: usize,
+    /// Whether this call already logged a refused state write (one line per call).
+    state_refusal_logged: bool,
 }
 
 impl WasiView for HostState {
@@ -210,6 +229,25 @@ impl HostState {
         self.pending.clear();
         self.state = std::mem::take(state);
         self.state_bytes = self.state.bytes;
+        self.state_refusal_logged = false;
+    }
+
+    /// Logs a refused state write, once per call: the shard, the key and the setting to raise.
+    fn refuse_state_write(&mut self, key: &str, problem: String, setting: &str) {
+        self.stats.state_writes_refused += 1;
+        if std::mem::replace(&mut self.state_refusal_logged, true) {
+            return;
+        }
+        let shown: String = key.chars().take(64).collect();
+        let cut = if shown.len() < key.len() { "…" } else { "" };
+        tracing::warn!(
+            job = %self.spec.job,
+            stream = %self.spec.stream,
+            shard = %self.spec.shard_id,
+            key = %format!("{shown}{cut}"),
+            setting,
+            "State write refused: {problem}; the task got an error. Raise {setting} in job.properties if the task needs more (further refusals in this batch are only counted)."
+        );
     }
 
     fn current(&self, key: &str) -> Option<&[u8]> {
@@ -348,13 +386,25 @@ impl state::Host for HostState {
     fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), state::StateError> {
         let limits = self.spec.limits.clone();
         if key.len() > limits.state_key_bytes {
-            self.stats.state_writes_refused += 1;
+            self.refuse_state_write(
+                &key,
+                format!("the key has {} bytes, more than {}", key.len(), limits.state_key_bytes),
+                "task.limits.state.key.bytes",
+            );
             return Err(state::StateError::TooLarge(
                 u32::try_from(limits.state_key_bytes).unwrap_or(u32::MAX),
             ));
         }
         if value.len() > limits.state_value_bytes {
-            self.stats.state_writes_refused += 1;
+            self.refuse_state_write(
+                &key,
+                format!(
+                    "the value has {} bytes, more than {}",
+                    value.len(),
+                    limits.state_value_bytes
+                ),
+                "task.limits.state.value.bytes",
+            );
             return Err(state::StateError::TooLarge(
                 u32::try_from(limits.state_value_bytes).unwrap_or(u32::MAX),
             ));
@@ -362,7 +412,14 @@ impl state::Host for HostState {
         let old = self.current(&key).map_or(0, |v| key.len() + v.len());
         let new_total = self.state_bytes - old + key.len() + value.len();
         if new_total > limits.state_total_bytes {
-            self.stats.state_writes_refused += 1;
+            self.refuse_state_write(
+                &key,
+                format!(
+                    "the shard's state would hold {new_total} bytes, more than {}",
+                    limits.state_total_bytes
+                ),
+                "task.limits.state.total.bytes",
+            );
             return Err(state::StateError::QuotaExceeded);
         }
         self.state_bytes = new_total;
@@ -502,6 +559,7 @@ impl TaskInstance {
             state: ShardState::default(),
             pending: HashMap::new(),
             state_bytes: 0,
+            state_refusal_logged: false,
             spec,
         };
         let mut store = Store::new(&runtime.engine, state);
