@@ -273,6 +273,7 @@ const KCL_USED: &[&str] = &[
     "MaxLeasesToStealAtOneTime",
     "ParentShardPollIntervalMillis",
     "GracefulLeaseHandoffTimeoutMillis",
+    "GracefulLeaseHandoffEnabled",
     "BillingMode",
     "InitialLeaseTableReadCapacity",
     "InitialLeaseTableWriteCapacity",
@@ -896,6 +897,10 @@ impl<'a> Parser<'a> {
                 .unwrap_or(kcl.call_process_records_even_for_empty_list);
         kcl.cleanup_leases_upon_shard_completion = flag("CleanupLeasesUponShardCompletion")?
             .unwrap_or(kcl.cleanup_leases_upon_shard_completion);
+        // KCL 3.x's switch: off means a steal takes the lease at once, as KCL 2.x does.
+        if flag("GracefulLeaseHandoffEnabled")? == Some(false) {
+            kcl.graceful_lease_handoff_timeout = Duration::ZERO;
+        }
         kcl.retrieval = self.retrieval(scope, job_name, job_id)?;
         Ok((kcl, table_key))
     }
@@ -1454,6 +1459,12 @@ mod tests {
         assert_eq!(kcl.graceful_lease_handoff_timeout, Duration::from_secs(30));
         let (config, warnings) =
             parse(&[("systems.kinesis.aws.kcl.GracefulLeaseHandoffTimeoutMillis", "0")])?;
+        assert_eq!(config.inputs[0].kcl.graceful_lease_handoff_timeout, Duration::ZERO);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let (config, warnings) = parse(&[
+            ("systems.kinesis.aws.kcl.GracefulLeaseHandoffTimeoutMillis", "5000"),
+            ("systems.kinesis.aws.kcl.GracefulLeaseHandoffEnabled", "false"),
+        ])?;
         assert_eq!(config.inputs[0].kcl.graceful_lease_handoff_timeout, Duration::ZERO);
         assert!(warnings.is_empty(), "{warnings:?}");
         Ok(())
