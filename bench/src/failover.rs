@@ -58,6 +58,12 @@ pub struct FailoverArgs {
     /// Abort the whole run (killing every process it started) after this many minutes.
     #[arg(long, default_value_t = 30)]
     pub max_minutes: u64,
+    /// `task.commit.ms` of the hosts: the least time between two checkpoints of a shard.
+    #[arg(long, default_value_t = 1)]
+    pub commit_ms: u64,
+    /// `GracefulLeaseHandoffEnabled` of the hosts (`false` steals as KCL 2.x does).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub graceful_handoff: bool,
 }
 
 /// The protocol's periods at one failover time.
@@ -91,6 +97,10 @@ struct Bench {
     out_dir: PathBuf,
     shards: usize,
     timers: Timers,
+    /// `GracefulLeaseHandoffEnabled` of the hosts.
+    graceful_handoff: bool,
+    /// `task.commit.ms` of the hosts.
+    commit_ms: u64,
     /// The whole run's deadline.
     deadline: Instant,
 }
@@ -153,6 +163,8 @@ pub fn run(args: &FailoverArgs) -> Result<()> {
             out_dir: out_dir.clone(),
             shards: args.shards,
             timers: Timers::new(args.failover_ms),
+            graceful_handoff: args.graceful_handoff,
+            commit_ms: args.commit_ms,
             deadline,
         };
         let mut rounds = Vec::new();
@@ -444,6 +456,7 @@ impl Bench {
         std::fs::create_dir_all(&dir)?;
         let config = dir.join("job.properties");
         let f = self.timers.failover.as_millis();
+        let commit_ms = self.commit_ms;
         std::fs::write(
             &config,
             format!(
@@ -451,7 +464,7 @@ impl Bench {
                  job.id=1\n\
                  task.inputs=kinesis.{input}\n\
                  task.output.out=kinesis.{output_stream}\n\
-                 task.commit.ms=1\n\
+                 task.commit.ms={commit_ms}\n\
                  systems.kinesis.samza.factory=org.apache.samza.system.kinesis.KinesisSystemFactory\n\
                  systems.kinesis.aws.region=us-east-1\n\
                  systems.kinesis.streams.{input}.aws.accessKey=test\n\
@@ -462,8 +475,9 @@ impl Bench {
                  systems.kinesis.aws.dynamodb.endpoint={}\n\
                  systems.kinesis.aws.kcl.InitialPositionInStream=TRIM_HORIZON\n\
                  systems.kinesis.aws.kcl.IdleTimeBetweenReadsInMillis=100\n\
-                 systems.kinesis.aws.kcl.FailoverTimeMillis={f}\n",
-                self.kinesis_endpoint, self.dynamodb_endpoint,
+                 systems.kinesis.aws.kcl.FailoverTimeMillis={f}\n\
+                 systems.kinesis.aws.kcl.GracefulLeaseHandoffEnabled={}\n",
+                self.kinesis_endpoint, self.dynamodb_endpoint, self.graceful_handoff,
             ),
         )?;
         let produced = Arc::new(Mutex::new(0u64));
@@ -985,10 +999,13 @@ fn report(args: &FailoverArgs, t: &Timers, rounds: &[Round]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "failover: {} shards, FailoverTimeMillis={}, {} round(s); renew every {} ms (ours \
-         and KCL's), KCL 2.x taker every {} ms",
+        "failover: {} shards, FailoverTimeMillis={}, GracefulLeaseHandoffEnabled={}, \
+         task.commit.ms={}, {} round(s); renew every {} ms (ours and KCL's), KCL 2.x taker \
+         every {} ms",
         args.shards,
         args.failover_ms,
+        args.graceful_handoff,
+        args.commit_ms,
         rounds.len(),
         t.renew.as_millis(),
         t.kcl_taker.as_millis()
