@@ -164,6 +164,7 @@ const LIMIT_KEYS: &[&str] = &[
     "task.limits.log.bytes.per.second",
     "task.limits.log.line.bytes",
     "task.limits.metric.names",
+    "task.limits.fuel.per.batch",
 ];
 const BATCH_KEYS: &[&str] = &["task.batch.max.records", "task.batch.max.bytes"];
 const RETRY_KEYS: &[&str] =
@@ -260,6 +261,12 @@ impl JobConfig {
                 0,
                 100_000,
             )?,
+            fuel_per_batch: match p.props.get("task.limits.fuel.per.batch").map(|v| v.trim()) {
+                None | Some("") => None,
+                Some(_) => {
+                    Some(p.number("task.limits.fuel.per.batch", 0u64, 1_000, u64::MAX / 2)?)
+                }
+            },
         };
         let batch_defaults = BatchLimits::default();
         let max_record_bytes =

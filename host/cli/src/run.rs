@@ -19,6 +19,7 @@ use kinesis_host_runtime::{
 };
 
 use crate::config::JobConfig;
+use crate::fairness::CpuGate;
 use crate::metrics::{
     BATCH_LATENCY, BYTES_PROCESSED, Health, MILLIS_BEHIND_LATEST, RECORDS_PROCESSED,
 };
@@ -70,6 +71,7 @@ pub fn worker_config(run: &RunConfig, input: &InputStream, worker_id: &str) -> W
         InitialPosition::AtTimestamp(t) => (Checkpoint::AtTimestamp, Some(*t)),
     };
     WorkerConfig {
+        job: run.job_name.clone(),
         worker_id: worker_id.to_owned(),
         stream: input.stream.clone(),
         initial_position,
@@ -102,6 +104,7 @@ pub struct TaskProcessors {
     job: Arc<JobConfig>,
     outputs: Arc<BTreeMap<String, Producer>>,
     clock: Arc<dyn Clock>,
+    gate: Option<Arc<CpuGate>>,
 }
 
 impl std::fmt::Debug for TaskProcessors {
@@ -121,7 +124,13 @@ impl TaskProcessors {
         clock: Arc<dyn Clock>,
     ) -> Self {
         let allowed = Outputs::Only(outputs.keys().cloned().collect());
-        Self { component, allowed, job, outputs, clock }
+        Self { component, allowed, job, outputs, clock, gate: None }
+    }
+
+    /// Runs every wasm call through the host's CPU gate (`serve`; see [`crate::fairness`]).
+    pub fn with_gate(mut self, gate: Option<Arc<CpuGate>>) -> Self {
+        self.gate = gate;
+        self
     }
 }
 
@@ -138,17 +147,15 @@ impl ProcessorFactory for TaskProcessors {
             limits: self.job.limits.clone(),
         });
         TaskProcessor {
-            worker: Arc::new(Mutex::new(ShardWorker::new(
-                self.component.clone(),
-                spec,
-                self.job.retry,
-                self.clock.clone(),
-            ))),
+            worker: Arc::new(Mutex::new(
+                ShardWorker::new(self.component.clone(), spec, self.job.retry, self.clock.clone())
+                    .with_gate(self.gate.clone()),
+            )),
             job: self.job.clone(),
             outputs: self.outputs.clone(),
             stream: stream.to_owned(),
             shard_id: shard_id.to_owned(),
-            metrics: ProcessorMetrics::new(stream, shard_id),
+            metrics: ProcessorMetrics::new(&self.job.job_name, stream, shard_id),
         }
     }
 }
@@ -162,17 +169,19 @@ struct ProcessorMetrics {
 }
 
 impl ProcessorMetrics {
-    fn new(stream: &str, shard_id: &str) -> Self {
+    fn new(job: &str, stream: &str, shard_id: &str) -> Self {
         let stream = stream.to_owned();
+        let job = job.to_owned();
         Self {
-            records: metrics::counter!(RECORDS_PROCESSED, "stream" => stream.clone()),
-            bytes: metrics::counter!(BYTES_PROCESSED, "stream" => stream.clone()),
+            records: metrics::counter!(RECORDS_PROCESSED, "job" => job.clone(), "stream" => stream.clone()),
+            bytes: metrics::counter!(BYTES_PROCESSED, "job" => job.clone(), "stream" => stream.clone()),
             millis_behind_latest: metrics::gauge!(
                 MILLIS_BEHIND_LATEST,
+                "job" => job.clone(),
                 "stream" => stream.clone(),
                 "shard" => shard_id.to_owned(),
             ),
-            batch_latency: metrics::histogram!(BATCH_LATENCY, "stream" => stream),
+            batch_latency: metrics::histogram!(BATCH_LATENCY, "job" => job, "stream" => stream),
         }
     }
 }
@@ -340,6 +349,22 @@ pub async fn run(
     clock: Arc<dyn Clock>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    run_gated(run, job, component, clock, shutdown, None).await
+}
+
+/// [`run`], with every wasm call of the job going through `gate`: how `serve` runs each of its
+/// jobs (with `metrics.address` unset, as `serve` has one endpoint for all of them).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_gated(
+    run: RunConfig,
+    job: JobConfig,
+    component: Arc<TaskComponent>,
+    clock: Arc<dyn Clock>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    gate: Option<Arc<CpuGate>>,
+) -> anyhow::Result<()> {
     let worker_id = format!(
         "{}-{}",
         std::env::var("HOSTNAME").unwrap_or_else(|_| "kinesis-host".to_owned()),
@@ -356,7 +381,9 @@ pub async fn run(
         let clients = AwsClients::new(&aws_settings(&output.aws)?).await;
         outputs.insert(name.clone(), Producer::new(clients.kinesis, output.stream.clone()));
     }
-    let factory = Arc::new(TaskProcessors::new(component, Arc::new(job), Arc::new(outputs), clock));
+    let factory = Arc::new(
+        TaskProcessors::new(component, Arc::new(job), Arc::new(outputs), clock).with_gate(gate),
+    );
     let mut workers = tokio::task::JoinSet::new();
     for input in &run.inputs {
         let clients = AwsClients::new(&aws_settings(&input.aws)?).await;
