@@ -193,6 +193,15 @@ fn hostile_tenants_cannot_hurt_the_well_behaved_ones() {
         out_hostile,
         &format!("task.limits.batch.timeout.ms=500\n{quick}"),
     );
+    // The same loop under a fuel budget (a second engine, which meters fuel) traps on fuel.
+    add_job(
+        &jobs,
+        "spin-fuel",
+        "spin-task",
+        shared,
+        out_hostile,
+        &format!("task.limits.fuel.per.batch=20000000\n{quick}"),
+    );
     add_job(
         &jobs,
         "bomb",
@@ -201,7 +210,7 @@ fn hostile_tenants_cannot_hurt_the_well_behaved_ones() {
         out_hostile,
         &format!("task.limits.memory.bytes=16777216\n{quick}"),
     );
-    add_job(&jobs, "panic", "panic-task", shared, out_hostile, "task.config.panic_every=2\n");
+    add_job(&jobs, "panic", "panic-task", shared, out_hostile, "task.config.panic_every=1\n");
     add_job(
         &jobs,
         "flood",
