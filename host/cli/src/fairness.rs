@@ -6,22 +6,26 @@
 //! - **A host-wide limit on concurrent wasm calls**, by default one per CPU core, with fair
 //!   queueing across jobs: when more calls wait than there are slots, the next slot goes to the
 //!   waiting job that has used the least CPU so far (start-time fair queueing on a per-job
-//!   virtual clock of seconds spent in calls). A job with many shards thus gets no more of the
-//!   CPU than a job with one, and a job that makes long calls no more than one that makes short
-//!   ones, while the CPU is contended. Because no more calls run than there are cores, the wall
-//!   time of a call is a fair measure of the CPU it used.
+//!   virtual clock of seconds spent in calls), and no job holds more than its share of the
+//!   slots (`ceil(slots / active jobs)`) while another job waits. A job with many shards thus
+//!   gets no more of the CPU than a job with one, and a job that makes long calls no more than
+//!   one that makes short ones, while the CPU is contended; an uncontended job may use every
+//!   slot. Because no more calls run than there are cores, the wall time of a call is a fair
+//!   measure of the CPU it used.
 //! - **A CPU penalty for failed calls**: a call that ends in an error or a trap (the CPU deadline
 //!   `task.limits.batch.timeout.ms`, fuel, memory, a panic) after burning `t` seconds makes its job
 //!   wait `factor × t` (default 9×) before any of its shards may start another call, up to a cap
 //!   (default 60 s) ahead of now. A tenant stuck in an endless loop can then use at most
 //!   `1 / (1 + factor)` of one core (10 % by default) however often it is retried; on a 2-core
-//!   host that is 5 % of the machine. Successful calls are never penalized, however long.
+//!   host that is 5 % of the machine. Until `max_penalty` after its penalty ends, such a job
+//!   runs at most one call at a time, even on an idle host. Successful calls are never
+//!   penalized, however long.
 //!
 //! The gate is synchronous: it is entered on the blocking thread that runs the call (the
 //! pipeline's wasm calls run on `spawn_blocking`), never on the async runtime.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// The `kinesis_host_task_cpu_microseconds_total` counter: microseconds spent in wasm calls, per job.
@@ -29,9 +33,10 @@ pub const CPU_MICROS: &str = "kinesis_host_task_cpu_microseconds_total";
 /// The `kinesis_host_task_cpu_penalty_microseconds_total` counter: penalty imposed on a job, in microseconds.
 pub const PENALTY_MICROS: &str = "kinesis_host_task_cpu_penalty_microseconds_total";
 
-/// How often a waiting call re-checks the gate, so a penalty that ran out is noticed without a
-/// timer thread.
-const RECHECK: Duration = Duration::from_millis(20);
+/// The longest a waiting call sleeps before it re-checks the gate by itself. Waiters are woken
+/// when a slot is granted to their job, and a penalised job's waiters when the penalty ends;
+/// this only bounds the cost of a missed wake-up.
+const RECHECK: Duration = Duration::from_millis(100);
 
 /// Settings of the gate.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -60,8 +65,15 @@ struct JobCpu {
     vtime: f64,
     /// No call of the job starts before this.
     penalty_until: Option<Instant>,
+    /// Until then the job, having failed after burning CPU, runs one call at a time.
+    suspect_until: Option<Instant>,
+    /// Its calls running now.
+    running: usize,
     /// Tickets of the job's waiting calls, in arrival order.
     queue: VecDeque<u64>,
+    /// Wakes the job's waiting calls (only theirs: a penalised job's waiters are not woken by
+    /// every other call's end).
+    wake: Arc<Condvar>,
 }
 
 #[derive(Debug, Default)]
@@ -74,6 +86,10 @@ struct State {
     vclock: f64,
     /// Jobs being stopped: they serve no penalty, so their batches in flight finish promptly.
     stopping: HashSet<String>,
+    /// Jobs started and not yet stopped, whether or not they are calling now.
+    registered: HashSet<String>,
+    /// Slots in all.
+    slots: usize,
 }
 
 /// The gate in front of every wasm call of a host's jobs. Shared (`Arc`) by all jobs.
@@ -81,7 +97,6 @@ struct State {
 pub struct CpuGate {
     config: FairnessConfig,
     state: Mutex<State>,
-    wake: Condvar,
 }
 
 /// A running call's slot; give it back with [`Permit::finish`] (dropping it counts as success).
@@ -103,8 +118,11 @@ impl CpuGate {
         };
         Self {
             config,
-            state: Mutex::new(State { free: config.max_concurrent_calls, ..State::default() }),
-            wake: Condvar::new(),
+            state: Mutex::new(State {
+                free: config.max_concurrent_calls,
+                slots: config.max_concurrent_calls,
+                ..State::default()
+            }),
         }
     }
 
@@ -127,57 +145,82 @@ impl CpuGate {
         let entry = state.jobs.entry(job.to_owned()).or_default();
         entry.vtime = entry.vtime.max(vclock);
         entry.queue.push_back(ticket);
+        let wake = entry.wake.clone();
         loop {
-            Self::dispatch(&mut state, Instant::now());
+            let now = Instant::now();
+            Self::dispatch(&mut state, now);
             if state.granted.remove(&ticket) {
                 break;
             }
-            state =
-                self.wake.wait_timeout(state, RECHECK).unwrap_or_else(PoisonError::into_inner).0;
+            let timeout = state.jobs.get(job).and_then(|j| j.penalty_until).map_or(RECHECK, |t| {
+                t.saturating_duration_since(now).clamp(Duration::from_millis(1), RECHECK)
+            });
+            state = wake.wait_timeout(state, timeout).unwrap_or_else(PoisonError::into_inner).0;
         }
         drop(state);
-        self.wake.notify_all();
         Permit { gate: self, job: job.to_owned(), started: Instant::now(), done: false }
     }
 
-    /// Hands free slots to the waiting calls, job with the least virtual time first, skipping
-    /// jobs that are serving a penalty.
+    /// Hands free slots to the waiting calls, job with the least virtual time first: first
+    /// among the jobs below their share of the slots, then (so no slot idles while calls wait)
+    /// among the others. Jobs serving a penalty get nothing; suspect jobs one call at a time.
     fn dispatch(state: &mut State, now: Instant) {
         while state.free > 0 {
-            let next = state
+            let active = state
                 .jobs
                 .iter()
-                .filter(|(_, j)| !j.queue.is_empty() && j.penalty_until.is_none_or(|t| t <= now))
-                .min_by(|(_, a), (_, b)| a.vtime.total_cmp(&b.vtime))
-                .map(|(name, _)| name.clone());
-            let Some(name) = next else { return };
+                .filter(|(name, j)| {
+                    j.running > 0 || !j.queue.is_empty() || state.registered.contains(*name)
+                })
+                .count()
+                .max(1);
+            let share = state.slots.div_ceil(active).max(1);
+            let eligible = |j: &JobCpu| {
+                !j.queue.is_empty()
+                    && j.penalty_until.is_none_or(|t| t <= now)
+                    && (j.running == 0 || j.suspect_until.is_none_or(|t| t <= now))
+            };
+            let pick = |below_share: bool| {
+                state
+                    .jobs
+                    .iter()
+                    .filter(|(_, j)| eligible(j) && (!below_share || j.running < share))
+                    .min_by(|(_, a), (_, b)| a.vtime.total_cmp(&b.vtime))
+                    .map(|(name, _)| name.clone())
+            };
+            let Some(name) = pick(true).or_else(|| pick(false)) else { return };
             let Some(job) = state.jobs.get_mut(&name) else { return };
             let Some(ticket) = job.queue.pop_front() else { return };
             job.penalty_until = job.penalty_until.filter(|t| *t > now);
+            job.running += 1;
             let vtime = job.vtime;
             state.vclock = state.vclock.max(vtime);
+            job.wake.notify_all();
             state.granted.insert(ticket);
             state.free -= 1;
         }
     }
 
     fn leave(&self, job: &str, burned: Duration, failed: bool) {
-        let penalty = if failed && !self.lock().stopping.contains(job) {
-            burned.mul_f64(self.config.penalty_factor).min(self.config.max_penalty)
-        } else {
-            Duration::ZERO
-        };
+        let penalty;
         {
             let mut state = self.lock();
+            penalty = if failed && !state.stopping.contains(job) {
+                burned.mul_f64(self.config.penalty_factor).min(self.config.max_penalty)
+            } else {
+                Duration::ZERO
+            };
             state.free += 1;
             let now = Instant::now();
             let cap = now + self.config.max_penalty;
             let entry = state.jobs.entry(job.to_owned()).or_default();
             entry.vtime += burned.as_secs_f64();
+            entry.running = entry.running.saturating_sub(1);
             if !penalty.is_zero() {
                 let from = entry.penalty_until.filter(|t| *t > now).unwrap_or(now);
                 let until = (from + penalty).min(cap);
                 entry.penalty_until = Some(until);
+                entry.suspect_until = Some(until + self.config.max_penalty);
                 tracing::info!(
                     job,
                     burned_ms = burned.as_millis(),
@@ -187,7 +230,6 @@ impl CpuGate {
             }
             Self::dispatch(&mut state, now);
         }
-        self.wake.notify_all();
         metrics::counter!(CPU_MICROS, "job" => job.to_owned()).increment(burned.as_micros() as u64);
         if !penalty.is_zero() {
             metrics::counter!(PENALTY_MICROS, "job" => job.to_owned())
@@ -200,17 +242,21 @@ impl CpuGate {
     pub fn stopping(&self, job: &str) {
         let mut state = self.lock();
         state.stopping.insert(job.to_owned());
+        state.registered.remove(job);
         if let Some(entry) = state.jobs.get_mut(job) {
             entry.penalty_until = None;
+            entry.suspect_until = None;
+            entry.wake.notify_all();
         }
-        drop(state);
-        self.wake.notify_all();
+        Self::dispatch(&mut state, Instant::now());
     }
 
     /// `job` (re)starts: penalties apply to it again. Its CPU history is kept, so restarting a
     /// job does not buy it a bigger share.
     pub fn starting(&self, job: &str) {
-        self.lock().stopping.remove(job);
+        let mut state = self.lock();
+        state.stopping.remove(job);
+        state.registered.insert(job.to_owned());
     }
 
     /// How long `job` must still wait before its next call (zero if it need not).
@@ -243,7 +289,6 @@ impl Drop for Permit<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
@@ -286,6 +331,39 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         permit.finish(false);
         assert_eq!(gate.penalty_remaining("slow"), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_job_that_failed_runs_one_call_at_a_time() {
+        let gate = Arc::new(CpuGate::new(FairnessConfig {
+            max_concurrent_calls: 2,
+            penalty_factor: 0.001,
+            max_penalty: Duration::from_secs(60),
+        }));
+        let permit = gate.enter("spin");
+        std::thread::sleep(Duration::from_millis(2));
+        permit.finish(true);
+        while gate.penalty_remaining("spin") > Duration::ZERO {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let first = gate.enter("spin");
+        let entered = Arc::new(AtomicUsize::new(0));
+        let second = {
+            let (gate, entered) = (gate.clone(), entered.clone());
+            std::thread::spawn(move || {
+                let permit = gate.enter("spin");
+                entered.store(1, Ordering::SeqCst);
+                permit.finish(false);
+            })
+        };
+        // A slot is free, but the suspect job already runs a call: the second one waits...
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(entered.load(Ordering::SeqCst), 0);
+        // ...while other jobs still get the free slot.
+        gate.enter("echo").finish(false);
+        first.finish(false);
+        second.join().expect("thread");
+        assert_eq!(entered.load(Ordering::SeqCst), 1);
     }
 
     #[test]
