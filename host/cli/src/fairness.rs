@@ -63,6 +63,8 @@ impl Default for FairnessConfig {
 struct JobCpu {
     /// Virtual time: seconds of calls so far, never behind the gate's clock when it queues.
     vtime: f64,
+    /// Time spent in calls so far.
+    used: Duration,
     /// No call of the job starts before this.
     penalty_until: Option<Instant>,
     /// Until then the job, having failed after burning CPU, runs one call at a time.
@@ -215,6 +217,7 @@ impl CpuGate {
             let cap = now + self.config.max_penalty;
             let entry = state.jobs.entry(job.to_owned()).or_default();
             entry.vtime += burned.as_secs_f64();
+            entry.used += burned;
             entry.running = entry.running.saturating_sub(1);
             if !penalty.is_zero() {
                 let from = entry.penalty_until.filter(|t| *t > now).unwrap_or(now);
@@ -257,6 +260,11 @@ impl CpuGate {
         let mut state = self.lock();
         state.stopping.remove(job);
         state.registered.insert(job.to_owned());
+    }
+
+    /// The time `job`'s calls have taken so far (calls running now not included).
+    pub fn cpu_used(&self, job: &str) -> Duration {
+        self.lock().jobs.get(job).map_or(Duration::ZERO, |j| j.used)
     }
 
     /// How long `job` must still wait before its next call (zero if it need not).
