@@ -1,7 +1,8 @@
 //! `kinesis-host serve` end to end against kinesis-local and dynalite: several tenants in one
 //! host, where the hostile ones (an endless loop, a memory bomb, panics, an emit flood, a log
 //! flood, a sandbox prober) cannot keep the well-behaved ones from processing every record
-//! exactly once; and jobs added, rejected, fixed, replaced and removed while the host runs.
+//! exactly once; and jobs added, rejected, fixed, replaced, removed, failed and retried on
+//! SIGHUP while the host runs.
 
 #[path = "common/aws.rs"]
 mod aws;
@@ -296,7 +297,7 @@ fn hostile_tenants_cannot_hurt_the_well_behaved_ones() {
 }
 
 #[test]
-fn jobs_are_added_rejected_fixed_replaced_and_removed_while_serving() {
+fn jobs_are_added_rejected_fixed_replaced_removed_and_retried_while_serving() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let jobs = dir.path().join("jobs");
@@ -362,8 +363,28 @@ fn jobs_are_added_rejected_fixed_replaced_and_removed_while_serving() {
     put(&c, in_b, &more_b);
     wait_for_records(&c, out_b, sent_b.len() + more_b.len(), &log);
     serve.assert_healthy();
+
+    // A job that fails (its input stream does not exist yet) is reported alone; SIGHUP retries
+    // it once the stream is there.
+    let (in_g, out_g) = ("serve-c-in-g", "serve-c-out-g");
+    add_job(&jobs, "gamma", "echo-task", in_g, out_g, "");
+    serve.wait_for_log("Job failed", 1);
+    serve.wait_until(
+        |s| sample(&s.metrics(), "kinesis_host_serve_jobs", &[("state", "failed")]) == Some(1.0),
+        "the failed job counted",
+    );
+    serve.assert_healthy();
+    create_stream(&c, in_g, 1);
+    create_stream(&c, out_g, 1);
+    let sent_g = numbered(2, 3, 0);
+    put(&c, in_g, &sent_g);
+    let pid = serve.child.id().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().expect("kill").success());
+    serve.wait_for_log("Reloading the jobs folder (SIGHUP)", 1);
+    wait_for_records(&c, out_g, sent_g.len(), &log);
     serve.stop();
 
+    assert_exactly_once(&read_all(&c, out_g), &sent_g, "gamma after SIGHUP");
     assert_exactly_once(&read_all(&c, out_a), &all, "alpha after the stop");
     let all_b: Vec<_> = sent_b.iter().chain(&more_b).cloned().collect();
     assert_exactly_once(&read_all(&c, out_b), &all_b, "beta");
