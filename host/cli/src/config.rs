@@ -455,6 +455,19 @@ mod tests {
     }
 
     #[test]
+    fn fuel_is_off_unless_set() {
+        assert_eq!(parse(&[]).expect("valid").limits.fuel_per_batch, None);
+        assert_eq!(
+            parse(&[("task.limits.fuel.per.batch", "")]).expect("valid").limits.fuel_per_batch,
+            None
+        );
+        let config = parse(&[("task.limits.fuel.per.batch", "5000000")]).expect("valid");
+        assert_eq!(config.limits.fuel_per_batch, Some(5_000_000));
+        let err = parse(&[("task.limits.fuel.per.batch", "10")]).expect_err("too little");
+        assert!(err.to_string().contains("task.limits.fuel.per.batch"), "{err}");
+    }
+
+    #[test]
     fn defaults_and_task_settings() -> Result<(), ConfigError> {
         let c = parse(&[
             ("job.name", "wc"),
