@@ -146,17 +146,23 @@ impl ProcessorFactory for TaskProcessors {
             config: self.job.task_config.clone(),
             limits: self.job.limits.clone(),
         });
-        TaskProcessor {
-            worker: Arc::new(Mutex::new(
-                ShardWorker::new(self.component.clone(), spec, self.job.retry, self.clock.clone())
-                    .with_gate(self.gate.clone()),
-            )),
+        let processor = TaskProcessor {
+            worker: Arc::new(Mutex::new(ShardWorker::new(
+                self.component.clone(),
+                spec,
+                self.job.retry,
+                self.clock.clone(),
+            ))),
             job: self.job.clone(),
             outputs: self.outputs.clone(),
             stream: stream.to_owned(),
             shard_id: shard_id.to_owned(),
             metrics: ProcessorMetrics::new(&self.job.job_name, stream, shard_id),
+        };
+        if let Some(gate) = &self.gate {
+            processor.worker.lock().unwrap_or_else(PoisonError::into_inner).set_gate(gate.clone());
         }
+        processor
     }
 }
 
