@@ -3,7 +3,7 @@
 //! retry (a trap also re-creates the instance), a poison record is set aside while the records
 //! around it go on, a fatal error stops the shard.
 //!
-//! It records, labelled with the `job` and the `stream`, `kinesis_host_task_errors_total` (one per failed
+//! It records, labelled with `job` and `stream`, `kinesis_host_task_errors_total` (one per failed
 //! call, by `kind`: `retryable`, `poison_record`, `fatal`, `trap`, `instantiate`, `contract`,
 //! `no_progress`), `kinesis_host_task_traps_total` (by `trap`: `deadline`,
 //! `memory_limit`, `panic`, `stack_overflow`, `other`), `kinesis_host_task_retries_total`,
