@@ -28,9 +28,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-/// The `kinesis_host_task_cpu_microseconds_total` counter: microseconds spent in wasm calls, per job.
+/// Counter: microseconds spent in the job's wasm calls while holding a slot, per job.
 pub const CPU_MICROS: &str = "kinesis_host_task_cpu_microseconds_total";
-/// The `kinesis_host_task_cpu_penalty_microseconds_total` counter: penalty imposed on a job, in microseconds.
+/// Counter: microseconds of penalty imposed on the job, per job.
 pub const PENALTY_MICROS: &str = "kinesis_host_task_cpu_penalty_microseconds_total";
 
 /// The longest a waiting call sleeps before it re-checks the gate by itself. Waiters are woken
