@@ -393,8 +393,10 @@ impl Supervisor {
                 Ok(files) => files,
                 Err(error) => {
                     // Files being written are often briefly incomplete: report, keep what runs.
-                    let seen = self.slots.get(&folder).map(|s| s.seen);
-                    self.reject(&folder, seen.unwrap_or(0), &error);
+                    // The same problem is reported once, a different one again.
+                    let mut hasher = DefaultHasher::new();
+                    error.to_string().hash(&mut hasher);
+                    self.reject(&folder, hasher.finish(), &error);
                     continue;
                 }
             };
