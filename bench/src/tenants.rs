@@ -10,10 +10,11 @@
 //! with back-off, and, when its shard gives up, the shard starts over at once (harsher than the
 //! host, which leaves a failed shard alone for twice `FailoverTimeMillis`).
 //!
-//! Phases of `--seconds` each, in one run: the well-behaved tenants alone, with the hostile
-//! tenants, alone again (the ratio's baseline is the mean of the two alone phases, which cancels
-//! drift); then the same with the gate switched off (no fairness: a gate with a slot for every
-//! thread and no penalty, which only accounts the CPU), for comparison. Then it
+//! Phases of `--seconds` each, in `--rounds` rounds: the well-behaved tenants alone and with the
+//! hostile tenants behind the gate, then the same with the gate switched off (no fairness: a
+//! gate with a slot for every thread and no penalty, which only accounts the CPU), for
+//! comparison. Rounds alternate which of alone and with comes first, so that a change in the
+//! machine's load weighs on both; the ratio is the sum over the rounds. Then it
 //! creates `--idle-instances` instances of the well-behaved task (each initialised, never
 //! called) and prints the resident-memory growth per instance.
 
@@ -52,9 +53,12 @@ pub struct TenantsArgs {
     /// Hostile tenants (an endless loop in every batch).
     #[arg(long, default_value_t = 1)]
     pub hostile: usize,
-    /// Seconds per phase (six phases).
-    #[arg(long, default_value_t = 10)]
+    /// Seconds per phase (four phases per round).
+    #[arg(long, default_value_t = 5)]
     pub seconds: u64,
+    /// Rounds of four phases: gated alone and with the hostile tenants, then ungated.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// The hostile tenants' CPU deadline per batch (task.limits.batch.timeout.ms); the ratio
     /// does not depend on it as long as a phase spans several penalty cycles.
     #[arg(long, default_value_t = 250)]
@@ -259,6 +263,7 @@ fn idle_instance_bytes(guests: &Guests, count: usize) -> Result<f64> {
 pub fn run(args: &TenantsArgs) -> Result<()> {
     ensure!(args.tenants > 0 && args.shards > 0, "--tenants and --shards must be at least 1");
     ensure!(args.records > 1, "--records must be at least 2");
+    ensure!(args.rounds > 0, "--rounds must be at least 1");
     let root = guests::workspace_root();
     let (batch, spin) = build(&root)?;
     let runtime = Runtime::new(RuntimeConfig::default()).context("cannot start the runtime")?;
@@ -272,53 +277,50 @@ pub fn run(args: &TenantsArgs) -> Result<()> {
         "{} well-behaved and {} hostile tenants, {} shards each, {} s per phase, {cores} cores",
         args.tenants, args.hostile, args.shards, args.seconds
     );
-    let mut rates = Vec::new();
-    let mut burned = Vec::new();
-    for (gated, hostile, name) in [
-        (true, 0, "gated, alone"),
-        (true, args.hostile, "gated, with hostile"),
-        (true, 0, "gated, alone again"),
-        (false, 0, "no gate, alone"),
-        (false, args.hostile, "no gate, with hostile"),
-        (false, 0, "no gate, alone again"),
-    ] {
-        let (rate, hostile_cpu) = phase(args, &guests, &records, hostile, gated);
-        eprintln!(
-            "  {name}: {rate:.0} records/s; hostile calls took {:.2} s",
-            hostile_cpu.as_secs_f64()
-        );
-        rates.push(rate);
-        burned.push(hostile_cpu.as_secs_f64());
+    // Per mode (gated, ungated): summed records/s alone, with the hostile tenants, and the
+    // hostile tenants' CPU. Rounds alternate the order (alone first, then with first), so a
+    // change in the machine's load over the run weighs on both sides alike.
+    let mut sums = [[0.0f64; 3]; 2];
+    for round in 0..args.rounds {
+        for (mode, gated) in [(0, true), (1, false)] {
+            let order = if round % 2 == 0 { [0, args.hostile] } else { [args.hostile, 0] };
+            for hostile in order {
+                let (rate, hostile_cpu) = phase(args, &guests, &records, hostile, gated);
+                let name = if gated { "gated" } else { "no gate" };
+                let with = if hostile > 0 { "with hostile" } else { "alone" };
+                eprintln!(
+                    "  round {round}, {name}, {with}: {rate:.0} records/s; hostile calls took {:.2} s",
+                    hostile_cpu.as_secs_f64()
+                );
+                sums[mode][usize::from(hostile > 0)] += rate;
+                sums[mode][2] += hostile_cpu.as_secs_f64();
+            }
+        }
     }
-    let ratio = |r: &[f64]| r[1] / ((r[0] + r[2]) / 2.0);
-    let gated = ratio(&rates[0..3]);
-    let ungated = ratio(&rates[3..6]);
+    let rounds = args.rounds as f64;
+    let alone = sums[0][0] / rounds;
+    let with = sums[0][1] / rounds;
+    let gated = sums[0][1] / sums[0][0];
+    let ungated = sums[1][1] / sums[1][0];
+    let burned = [sums[0][2] / rounds, sums[1][2] / rounds];
     let per_instance = idle_instance_bytes(&guests, args.idle_instances.max(1))?;
 
     let mut table = String::new();
     writeln!(table, "| figure | value |")?;
     writeln!(table, "|---|---|")?;
-    writeln!(
-        table,
-        "| well-behaved throughput, alone (gated) | {:.0} records/s |",
-        (rates[0] + rates[2]) / 2.0
-    )?;
-    writeln!(
-        table,
-        "| with {} hostile tenant(s) (gated) | {:.0} records/s |",
-        args.hostile, rates[1]
-    )?;
+    writeln!(table, "| well-behaved throughput, alone (gated) | {alone:.0} records/s |")?;
+    writeln!(table, "| with {} hostile tenant(s) (gated) | {with:.0} records/s |", args.hostile)?;
     writeln!(table, "| **ratio with the CPU gate** (target ≥ {MIN_RATIO}) | **{gated:.3}** |")?;
     writeln!(
         table,
         "| CPU the hostile tenant burned, with the gate | {:.1} s in {} s |",
-        burned[1], args.seconds
+        burned[0], args.seconds
     )?;
     writeln!(table, "| ratio without the gate (for comparison) | {ungated:.3} |")?;
     writeln!(
         table,
         "| CPU the hostile tenant burned, without the gate | {:.1} s in {} s |",
-        burned[4], args.seconds
+        burned[1], args.seconds
     )?;
     writeln!(
         table,
