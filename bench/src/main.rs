@@ -24,6 +24,7 @@ mod failover;
 mod guests;
 mod naive;
 mod records;
+mod tenants;
 mod timing;
 
 use clap::{Parser, Subcommand};
@@ -45,11 +46,15 @@ enum Command {
     /// Lease failover, graceful hand-over and rebalance times of real `kinesis-host run`
     /// processes on local emulators, beside KCL's figures at the same `FailoverTimeMillis`.
     Failover(failover::FailoverArgs),
+    /// CPU fairness of `serve`'s tenants (well-behaved throughput with and without a tenant in
+    /// an endless loop, as a ratio) and resident memory per idle task instance.
+    Tenants(tenants::TenantsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Boundary(args) => boundary::run(&args),
         Command::Failover(args) => failover::run(&args),
+        Command::Tenants(args) => tenants::run(&args),
     }
 }

@@ -190,6 +190,7 @@ const LIMIT_KEYS: &[&str] = &[
     "task.limits.log.bytes.per.second",
     "task.limits.log.line.bytes",
     "task.limits.metric.names",
+    "task.limits.fuel.per.batch",
 ];
 const BATCH_KEYS: &[&str] = &["task.batch.max.records", "task.batch.max.bytes"];
 const RETRY_KEYS: &[&str] = &[
@@ -299,6 +300,12 @@ impl JobConfig {
                 0,
                 100_000,
             )?,
+            fuel_per_batch: match p.props.get("task.limits.fuel.per.batch").map(|v| v.trim()) {
+                None | Some("") => None,
+                Some(_) => {
+                    Some(p.number("task.limits.fuel.per.batch", 0u64, 1_000, u64::MAX / 2)?)
+                }
+            },
         };
         let batch_defaults = BatchLimits::default();
         let max_record_bytes =
@@ -554,6 +561,19 @@ mod tests {
     fn parse(pairs: &[(&str, &str)]) -> Result<JobConfig, ConfigError> {
         let props = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         JobConfig::from_properties(Path::new("job.properties"), &props)
+    }
+
+    #[test]
+    fn fuel_is_off_unless_set() {
+        assert_eq!(parse(&[]).expect("valid").limits.fuel_per_batch, None);
+        assert_eq!(
+            parse(&[("task.limits.fuel.per.batch", "")]).expect("valid").limits.fuel_per_batch,
+            None
+        );
+        let config = parse(&[("task.limits.fuel.per.batch", "5000000")]).expect("valid");
+        assert_eq!(config.limits.fuel_per_batch, Some(5_000_000));
+        let err = parse(&[("task.limits.fuel.per.batch", "10")]).expect_err("too little");
+        assert!(err.to_string().contains("task.limits.fuel.per.batch"), "{err}");
     }
 
     #[test]

@@ -46,6 +46,31 @@ enum Command {
     Check(CheckArgs),
     /// Show the job's shards, leases, owners, checkpoints and lag, per input stream.
     Status(StatusArgs),
+    /// Run every job of a folder (one sub-folder per job: job.properties and one .wasm), each
+    /// sandboxed and isolated from the others; follows changes to the folder.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The jobs folder: one sub-folder per job, holding its job.properties and one .wasm file.
+    #[arg(long, value_name = "DIR")]
+    jobs: PathBuf,
+    /// Where to serve /metrics, /healthz and /readyz for all jobs (host:port).
+    #[arg(long, value_name = "ADDRESS")]
+    metrics_address: Option<String>,
+    /// Wasm calls running at once, over all jobs (default: the number of CPU cores).
+    #[arg(long, value_name = "N")]
+    max_concurrent_calls: Option<usize>,
+    /// A call that fails after burning CPU makes its job wait this many times as long.
+    #[arg(long, value_name = "FACTOR", default_value_t = 9.0)]
+    cpu_penalty_factor: f64,
+    /// The longest CPU penalty, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 60_000)]
+    cpu_penalty_max_ms: u64,
+    /// Quiet time after a change in the jobs folder before it is rescanned, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    debounce_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -148,6 +173,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => replay(&runtime, args),
         Command::Check(args) => check(&runtime, args),
         Command::Status(args) => status_cmd(args),
+        Command::Serve(args) => serve(runtime, cache_dir(&cli.global), args),
     }
 }
 
@@ -177,6 +203,7 @@ fn run_job(runtime: &Runtime, args: RunArgs) -> anyhow::Result<ExitCode> {
     for warning in warnings {
         tracing::warn!("{warning}");
     }
+    let runtime = &runtime_for(runtime, &job)?;
     let component = runtime.load(&args.task)?;
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -193,6 +220,71 @@ fn run_job(runtime: &Runtime, args: RunArgs) -> anyhow::Result<ExitCode> {
             std::process::exit(130);
         });
         kinesis_host::run::run(run, job, component, Arc::new(SystemClock), stopped).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `runtime`, or for a job with `task.limits.fuel.per.batch` a runtime whose engine meters fuel
+/// (an engine-wide setting that slows every guest, so only such jobs get it).
+fn runtime_for(runtime: &Runtime, job: &JobConfig) -> anyhow::Result<Runtime> {
+    if job.limits.fuel_per_batch.is_none() {
+        return Ok(runtime.clone());
+    }
+    Ok(Runtime::new(RuntimeConfig {
+        cache_dir: runtime.cache_dir().map(Path::to_path_buf),
+        fuel: true,
+        ..RuntimeConfig::default()
+    })?)
+}
+
+fn serve(
+    runtime: Runtime,
+    cache_dir: Option<PathBuf>,
+    args: ServeArgs,
+) -> anyhow::Result<ExitCode> {
+    let defaults = kinesis_host::fairness::FairnessConfig::default();
+    let config = kinesis_host::serve::ServeConfig {
+        jobs_dir: args.jobs,
+        metrics_address: args.metrics_address,
+        fairness: kinesis_host::fairness::FairnessConfig {
+            max_concurrent_calls: args
+                .max_concurrent_calls
+                .unwrap_or(defaults.max_concurrent_calls),
+            penalty_factor: args.cpu_penalty_factor,
+            max_penalty: std::time::Duration::from_millis(args.cpu_penalty_max_ms),
+        },
+        debounce: std::time::Duration::from_millis(args.debounce_ms),
+        cache_dir,
+    };
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    tokio.block_on(async move {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let reload = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("Stopping (signal again to exit at once).");
+            let _ = stop.send(true);
+            shutdown_signal().await;
+            tracing::warn!("Second signal: exiting now.");
+            std::process::exit(130);
+        });
+        #[cfg(unix)]
+        {
+            let reload = reload.clone();
+            if let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        reload.notify_one();
+                    }
+                });
+            }
+        }
+        kinesis_host::serve::serve(config, runtime, Arc::new(SystemClock), stopped, reload).await
     })?;
     Ok(ExitCode::SUCCESS)
 }
@@ -229,6 +321,7 @@ fn replay(runtime: &Runtime, args: ReplayArgs) -> anyhow::Result<ExitCode> {
         config.batch.max_record_bytes,
         replay::now_millis(),
     )?;
+    let runtime = &runtime_for(runtime, &config)?;
     let component = runtime.load(&args.task)?;
     let mut out: Box<dyn Write> = match &args.output {
         Some(path) => Box::new(std::io::BufWriter::new(

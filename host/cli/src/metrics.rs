@@ -63,13 +63,29 @@ pub struct InstallError(String);
 /// # Errors
 /// When another metrics recorder is installed in the process.
 pub fn install(job: &str) -> Result<PrometheusHandle, InstallError> {
+    install_labelled(Some(job))
+}
+
+/// Installs the process's Prometheus recorder without a process-wide `job` label, for `serve`,
+/// where each metric recorded for a job carries its own `job` label. Idempotent as [`install`].
+///
+/// # Errors
+/// As [`install`].
+pub fn install_for_jobs() -> Result<PrometheusHandle, InstallError> {
+    install_labelled(None)
+}
+
+fn install_labelled(job: Option<&str>) -> Result<PrometheusHandle, InstallError> {
     static INSTALLED: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
     let mut installed = INSTALLED.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(handle) = installed.as_ref() {
         return Ok(handle.clone());
     }
-    let recorder = PrometheusBuilder::new()
-        .add_global_label("job", job)
+    let mut builder = PrometheusBuilder::new();
+    if let Some(job) = job {
+        builder = builder.add_global_label("job", job);
+    }
+    let recorder = builder
         .set_buckets_for_metric(Matcher::Full(BATCH_LATENCY.to_owned()), LATENCY_BUCKETS)
         .map_err(|e| InstallError(e.to_string()))?
         .build_recorder();
@@ -133,6 +149,28 @@ fn describe() {
     describe_counter!(
         DEAD_LETTER_RECORDS,
         "Records written to the dead-letter output, by reason (poison_record, retries_exhausted, record_too_old)."
+    );
+    describe_counter!(
+        "kinesis_host_task_fuel_consumed_total",
+        "Fuel burned by the job's task calls (jobs with task.limits.fuel.per.batch)."
+    );
+    describe_counter!(
+        crate::fairness::CPU_MICROS,
+        Unit::Microseconds,
+        "Time spent in the job's wasm calls while holding a CPU slot (serve)."
+    );
+    describe_counter!(
+        crate::fairness::PENALTY_MICROS,
+        Unit::Microseconds,
+        "Waiting imposed on the job for calls that failed after burning CPU (serve)."
+    );
+    describe_gauge!(
+        crate::serve::JOBS,
+        "Jobs of kinesis-host serve by state: running, invalid (files rejected) or failed (stopped with an error)."
+    );
+    describe_counter!(
+        crate::serve::JOB_ERRORS,
+        "Jobs of kinesis-host serve whose files were rejected or that stopped with an error, by job folder."
     );
 }
 

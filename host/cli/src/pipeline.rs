@@ -17,7 +17,7 @@
 //! poison record is only logged and giving up on any other record stops the shard, as no
 //! record may be dropped silently.
 //!
-//! It records, labelled with the `stream`, `kinesis_host_task_errors_total` (one per failed
+//! It records, labelled with `job` and `stream`, `kinesis_host_task_errors_total` (one per failed
 //! call, by `kind`: `retryable`, `poison_record`, `fatal`, `trap`, `instantiate`, `contract`,
 //! `no_progress`), `kinesis_host_task_traps_total` (by `trap`: `deadline`,
 //! `memory_limit`, `panic`, `stack_overflow`, `other`), `kinesis_host_task_retries_total`,
@@ -38,6 +38,7 @@ use kinesis_host_runtime::{
 };
 
 use crate::config::RetryPolicy;
+use crate::fairness::CpuGate;
 
 /// Where a shard's results go.
 pub trait Sink {
@@ -261,6 +262,8 @@ pub struct ShardWorker {
     retry: RetryPolicy,
     clock: Arc<dyn Clock>,
     stats: ShardStats,
+    /// The host's CPU gate (`serve`), entered around every wasm call.
+    gate: Option<Arc<CpuGate>>,
 }
 
 impl std::fmt::Debug for ShardWorker {
@@ -288,7 +291,20 @@ impl ShardWorker {
             retry,
             clock,
             stats: ShardStats::default(),
+            gate: None,
         }
+    }
+
+    /// Runs every wasm call (instantiation and `process`) through `gate` (see
+    /// [`crate::fairness`]).
+    pub fn with_gate(mut self, gate: Option<Arc<CpuGate>>) -> Self {
+        self.gate = gate;
+        self
+    }
+
+    /// As [`ShardWorker::with_gate`], in place.
+    pub fn set_gate(&mut self, gate: Arc<CpuGate>) {
+        self.gate = Some(gate);
     }
 
     /// What happened so far.
@@ -321,6 +337,9 @@ impl ShardWorker {
             if pending.is_empty() {
                 continue;
             }
+            let gate = self.gate.clone();
+            let permit = gate.as_ref().map(|g| g.enter(&self.spec.job));
+            let fuel_before = self.instance.as_ref().map_or(0, TaskInstance::fuel_consumed);
             let result = match self.ensure_instance() {
                 Ok(()) => match self.instance.as_mut() {
                     Some(instance) => instance.process(&pending, &mut self.state),
@@ -328,6 +347,7 @@ impl ShardWorker {
                 },
                 Err(e) => Err(e),
             };
+            self.after_call(permit, fuel_before, result.is_err());
             let error = match result {
                 Ok(output) => {
                     let processed = output.processed;
@@ -362,6 +382,7 @@ impl ShardWorker {
             if let CallError::Trap { kind, .. } = &error {
                 metrics::counter!(
                     "kinesis_host_task_traps_total",
+                    "job" => self.spec.job.clone(),
                     "stream" => self.spec.stream.clone(),
                     "trap" => trap_kind(*kind),
                 )
@@ -388,6 +409,7 @@ impl ShardWorker {
                     self.stats.poison_records += 1;
                     metrics::counter!(
                         "kinesis_host_poison_records_total",
+                        "job" => self.spec.job.clone(),
                         "stream" => self.spec.stream.clone(),
                     )
                     .increment(1);
@@ -530,6 +552,26 @@ impl ShardWorker {
         self.state
     }
 
+    /// Gives the CPU gate's slot back and counts the fuel the call burned
+    /// (`kinesis_host_task_fuel_consumed_total`).
+    fn after_call(
+        &self,
+        permit: Option<crate::fairness::Permit<'_>>,
+        fuel_before: u64,
+        failed: bool,
+    ) {
+        if let Some(permit) = permit {
+            permit.finish(failed);
+        }
+        if self.spec.limits.fuel_per_batch.is_some()
+            && let Some(instance) = &self.instance
+        {
+            let burned = instance.fuel_consumed().saturating_sub(fuel_before);
+            metrics::counter!("kinesis_host_task_fuel_consumed_total", "job" => self.spec.job.clone())
+                .increment(burned);
+        }
+    }
+
     fn ensure_instance(&mut self) -> Result<(), CallError> {
         if self.instance.is_none() {
             self.instance = Some(TaskInstance::new(&self.component, self.spec.clone())?);
@@ -541,6 +583,7 @@ impl ShardWorker {
     fn count_error(&self, kind: &'static str) {
         metrics::counter!(
             "kinesis_host_task_errors_total",
+            "job" => self.spec.job.clone(),
             "stream" => self.spec.stream.clone(),
             "kind" => kind,
         )
@@ -549,14 +592,19 @@ impl ShardWorker {
 
     /// Counts a batch retried after a back-off (`kinesis_host_task_retries_total`).
     fn count_retry(&self) {
-        metrics::counter!("kinesis_host_task_retries_total", "stream" => self.spec.stream.clone())
-            .increment(1);
+        metrics::counter!(
+            "kinesis_host_task_retries_total",
+            "job" => self.spec.job.clone(),
+            "stream" => self.spec.stream.clone(),
+        )
+        .increment(1);
     }
 
     /// Counts a shard stopped by its task (`kinesis_host_task_shard_stops_total`).
     fn count_stop(&self, reason: &'static str) {
         metrics::counter!(
             "kinesis_host_task_shard_stops_total",
+            "job" => self.spec.job.clone(),
             "stream" => self.spec.stream.clone(),
             "reason" => reason,
         )

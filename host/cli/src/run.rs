@@ -21,6 +21,7 @@ use kinesis_host_runtime::{
 };
 
 use crate::config::JobConfig;
+use crate::fairness::CpuGate;
 use crate::metrics::{
     BATCH_LATENCY, BYTES_PROCESSED, DEAD_LETTER_RECORDS, Health, MILLIS_BEHIND_LATEST,
     RECORDS_PROCESSED,
@@ -73,6 +74,7 @@ pub fn worker_config(run: &RunConfig, input: &InputStream, worker_id: &str) -> W
         InitialPosition::AtTimestamp(t) => (Checkpoint::AtTimestamp, Some(*t)),
     };
     WorkerConfig {
+        job: run.job_name.clone(),
         worker_id: worker_id.to_owned(),
         stream: input.stream.clone(),
         initial_position,
@@ -96,9 +98,12 @@ pub fn worker_config(run: &RunConfig, input: &InputStream, worker_id: &str) -> W
         },
         fan_out: match &kcl.retrieval {
             Retrieval::Polling => None,
-            Retrieval::FanOut { consumer_name, consumer_arn, resubscribe_interval } => Some(
-                Arc::new(FanOut::new(consumer_name, consumer_arn.clone(), *resubscribe_interval)),
-            ),
+            Retrieval::FanOut { consumer_name, consumer_arn, resubscribe_interval } => {
+                Some(Arc::new(
+                    FanOut::new(consumer_name, consumer_arn.clone(), *resubscribe_interval)
+                        .for_job(&run.job_name),
+                ))
+            }
         },
         state_inline_max_bytes: crate::config::DEFAULT_STATE_INLINE_BYTES,
         graceful_handoff_timeout: kcl.graceful_lease_handoff_timeout,
@@ -113,6 +118,7 @@ pub struct TaskProcessors {
     job: Arc<JobConfig>,
     outputs: Arc<BTreeMap<String, Producer>>,
     clock: Arc<dyn Clock>,
+    gate: Option<Arc<CpuGate>>,
 }
 
 impl std::fmt::Debug for TaskProcessors {
@@ -132,7 +138,13 @@ impl TaskProcessors {
         clock: Arc<dyn Clock>,
     ) -> Self {
         let allowed = Outputs::Only(outputs.keys().cloned().collect());
-        Self { component, allowed, job, outputs, clock }
+        Self { component, allowed, job, outputs, clock, gate: None }
+    }
+
+    /// Runs every wasm call through the host's CPU gate (`serve`; see [`crate::fairness`]).
+    pub fn with_gate(mut self, gate: Option<Arc<CpuGate>>) -> Self {
+        self.gate = gate;
+        self
     }
 }
 
@@ -148,7 +160,7 @@ impl ProcessorFactory for TaskProcessors {
             config: self.job.task_config.clone(),
             limits: self.job.limits.clone(),
         });
-        TaskProcessor {
+        let processor = TaskProcessor {
             worker: Arc::new(Mutex::new(ShardWorker::new(
                 self.component.clone(),
                 spec,
@@ -159,9 +171,13 @@ impl ProcessorFactory for TaskProcessors {
             outputs: self.outputs.clone(),
             stream: stream.to_owned(),
             shard_id: shard_id.to_owned(),
-            metrics: ProcessorMetrics::new(stream, shard_id),
+            metrics: ProcessorMetrics::new(&self.job.job_name, stream, shard_id),
             state_changes: Vec::new(),
+        };
+        if let Some(gate) = &self.gate {
+            processor.worker.lock().unwrap_or_else(PoisonError::into_inner).set_gate(gate.clone());
         }
+        processor
     }
 }
 
@@ -174,17 +190,19 @@ struct ProcessorMetrics {
 }
 
 impl ProcessorMetrics {
-    fn new(stream: &str, shard_id: &str) -> Self {
+    fn new(job: &str, stream: &str, shard_id: &str) -> Self {
         let stream = stream.to_owned();
+        let job = job.to_owned();
         Self {
-            records: metrics::counter!(RECORDS_PROCESSED, "stream" => stream.clone()),
-            bytes: metrics::counter!(BYTES_PROCESSED, "stream" => stream.clone()),
+            records: metrics::counter!(RECORDS_PROCESSED, "job" => job.clone(), "stream" => stream.clone()),
+            bytes: metrics::counter!(BYTES_PROCESSED, "job" => job.clone(), "stream" => stream.clone()),
             millis_behind_latest: metrics::gauge!(
                 MILLIS_BEHIND_LATEST,
+                "job" => job.clone(),
                 "stream" => stream.clone(),
                 "shard" => shard_id.to_owned(),
             ),
-            batch_latency: metrics::histogram!(BATCH_LATENCY, "stream" => stream),
+            batch_latency: metrics::histogram!(BATCH_LATENCY, "job" => job, "stream" => stream),
         }
     }
 }
@@ -350,7 +368,14 @@ impl ShardProcessor for TaskProcessor {
         if let Some(name) = &collected.dead_letter
             && !collected.dead_letters.is_empty()
         {
-            send_dead_letters(&self.outputs, name, &self.stream, &collected.dead_letters).await?;
+            send_dead_letters(
+                &self.outputs,
+                name,
+                &self.job.job_name,
+                &self.stream,
+                &collected.dead_letters,
+            )
+            .await?;
         }
         // The outputs are acknowledged: the done records' state may be checkpointed.
         self.state_changes = collected.state_changes;
@@ -391,6 +416,7 @@ impl ShardProcessor for TaskProcessor {
 async fn send_dead_letters(
     outputs: &BTreeMap<String, Producer>,
     name: &str,
+    job: &str,
     stream: &str,
     letters: &[(GiveUp, OutputRecord)],
 ) -> Result<(), ProcessorError> {
@@ -410,6 +436,7 @@ async fn send_dead_letters(
         if n > 0 {
             metrics::counter!(
                 DEAD_LETTER_RECORDS,
+                "job" => job.to_owned(),
                 "stream" => stream.to_owned(),
                 "reason" => reason.as_str(),
             )
@@ -434,6 +461,22 @@ pub async fn run(
     clock: Arc<dyn Clock>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    run_gated(run, job, component, clock, shutdown, None).await
+}
+
+/// [`run`], with every wasm call of the job going through `gate`: how `serve` runs each of its
+/// jobs (with `metrics.address` unset, as `serve` has one endpoint for all of them).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_gated(
+    run: RunConfig,
+    job: JobConfig,
+    component: Arc<TaskComponent>,
+    clock: Arc<dyn Clock>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    gate: Option<Arc<CpuGate>>,
+) -> anyhow::Result<()> {
     let worker_id = format!(
         "{}-{}",
         std::env::var("HOSTNAME").unwrap_or_else(|_| "kinesis-host".to_owned()),
@@ -451,7 +494,9 @@ pub async fn run(
         outputs.insert(name.clone(), Producer::new(clients.kinesis, output.stream.clone()));
     }
     let state_inline_bytes = job.state_inline_bytes;
-    let factory = Arc::new(TaskProcessors::new(component, Arc::new(job), Arc::new(outputs), clock));
+    let factory = Arc::new(
+        TaskProcessors::new(component, Arc::new(job), Arc::new(outputs), clock).with_gate(gate),
+    );
     let mut workers = tokio::task::JoinSet::new();
     for input in &run.inputs {
         let clients = AwsClients::new(&aws_settings(&input.aws)?).await;

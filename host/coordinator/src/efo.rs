@@ -117,6 +117,8 @@ pub enum EfoError {
 /// A stream's enhanced fan-out settings and, once known, its consumer's ARN.
 #[derive(Debug)]
 pub struct FanOut {
+    /// The job reading, for metric labels.
+    job: String,
     consumer_name: String,
     consumer_arn: Option<String>,
     resubscribe_interval: Duration,
@@ -134,12 +136,19 @@ impl FanOut {
         resubscribe_interval: Duration,
     ) -> Self {
         Self {
+            job: String::new(),
             consumer_name: consumer_name.into(),
             consumer_arn,
             resubscribe_interval: resubscribe_interval
                 .clamp(Duration::from_millis(100), SUBSCRIPTION_LIFETIME),
             resolved: Mutex::new(None),
         }
+    }
+
+    /// The same settings, with `job` as the `job` label of the fan-out metrics.
+    #[must_use]
+    pub fn for_job(self, job: impl Into<String>) -> Self {
+        Self { job: job.into(), ..self }
     }
 
     /// The interval after which a subscription is replaced.
@@ -446,6 +455,7 @@ impl FanOutReader {
         self.subscription = None;
         metrics::counter!(
             "kinesis_host_efo_subscription_errors_total",
+            "job" => self.fan_out.job.clone(),
             "stream" => self.stream.clone(),
             "error" => failure.label(),
         )
@@ -565,8 +575,12 @@ impl FanOutReader {
                 Ok(Ok(Some(SubscribeToShardEventStream::SubscribeToShardEvent(event)))) => {
                     if !subscription.confirmed {
                         subscription.confirmed = true;
-                        metrics::counter!("kinesis_host_efo_subscriptions_total", "stream" => self.stream.clone())
-                            .increment(1);
+                        metrics::counter!(
+                            "kinesis_host_efo_subscriptions_total",
+                            "job" => self.fan_out.job.clone(),
+                            "stream" => self.stream.clone(),
+                        )
+                        .increment(1);
                         tracing::debug!(shard = %self.shard_id, position = ?self.position, "Subscribed to shard.");
                     }
                     self.succeeded();

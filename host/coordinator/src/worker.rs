@@ -85,6 +85,8 @@ pub trait ProcessorFactory: Send + Sync + 'static {
 /// How the worker behaves (KCL's settings).
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
+    /// The job's name: the `job` label of this worker's metrics.
+    pub job: String,
     /// This host's worker id (the `leaseOwner` it writes).
     pub worker_id: String,
     /// The stream.
@@ -200,8 +202,7 @@ pub async fn run_with<F: ProcessorFactory>(
     started: impl FnOnce(),
 ) -> Result<(), WorkerError> {
     let mut started = Some(started);
-    let leases_held =
-        metrics::gauge!("kinesis_host_leases_held", "stream" => config.stream.clone());
+    let leases_held = metrics::gauge!("kinesis_host_leases_held", "job" => config.job.clone(), "stream" => config.stream.clone());
     table.ensure_exists(config.billing, Duration::from_secs(600)).await?;
     sync_shards(&kinesis, &table, &config).await?;
     if let Some(fan_out) = &config.fan_out {
@@ -309,11 +310,11 @@ pub async fn run_with<F: ProcessorFactory>(
         let lease = h.lease.lock().await;
         match table.release(&lease).await {
             Ok(()) => {
-                count("kinesis_host_leases_released_total", &config.stream);
+                count("kinesis_host_leases_released_total", &config);
             }
             Err(error) => {
                 if matches!(error, LeaseError::Lost { .. }) {
-                    count("kinesis_host_leases_lost_total", &config.stream);
+                    count("kinesis_host_leases_lost_total", &config);
                 }
                 tracing::warn!(lease = %lease.key, %error, "Could not release lease; it will expire.");
             }
@@ -323,9 +324,10 @@ pub async fn run_with<F: ProcessorFactory>(
     Ok(())
 }
 
-/// Adds one to the counter `name` of `stream`.
-fn count(name: &'static str, stream: &str) {
-    metrics::counter!(name, "stream" => stream.to_owned()).increment(1);
+/// Adds one to the counter `name` of the worker's job and stream.
+fn count(name: &'static str, config: &WorkerConfig) {
+    metrics::counter!(name, "job" => config.job.clone(), "stream" => config.stream.clone())
+        .increment(1);
 }
 
 /// How many leases this host holds, for the `kinesis_host_leases_held` gauge.
@@ -415,11 +417,11 @@ async fn renew_all(
                 }
             }
             Err(Some(LeaseError::Aws { message, .. })) => {
-                count("kinesis_host_lease_renewal_failures_total", &config.stream);
+                count("kinesis_host_lease_renewal_failures_total", config);
                 tracing::warn!(lease = %key, error = %message, "Lease renewal failed; retrying.");
             }
             Err(error) => {
-                count("kinesis_host_leases_lost_total", &config.stream);
+                count("kinesis_host_leases_lost_total", config);
                 tracing::info!(lease = %key, expired, error = ?error.map(|e| e.to_string()), "Lost lease.");
                 let _ = h.stop.send(true);
                 held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
@@ -577,9 +579,9 @@ async fn take_leases<F: ProcessorFactory>(
         match table.take(lease, &config.worker_id).await {
             Ok(taken) => {
                 handoffs.remove(&lease.key);
-                count("kinesis_host_leases_taken_total", &config.stream);
+                count("kinesis_host_leases_taken_total", config);
                 if stealing {
-                    count("kinesis_host_leases_stolen_total", &config.stream);
+                    count("kinesis_host_leases_stolen_total", config);
                 }
                 let (stop, stopped) = watch::channel(false);
                 let h = Arc::new(Held {
@@ -671,7 +673,7 @@ async fn shard_task<P: ShardProcessor>(
                 .saturating_mul(1 << failures.min(8))
                 .min(Duration::from_secs(300));
             rest.insert(key.clone(), (Instant::now() + pause, failures));
-            count("kinesis_host_shards_stopped_total", &config.stream);
+            count("kinesis_host_shards_stopped_total", &config);
             tracing::error!(shard = %key, %error, retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX), "Shard stopped on this host; its lease is released, and this host retries it later.");
             Ended::Stopped
         }
@@ -697,9 +699,9 @@ async fn shard_task<P: ShardProcessor>(
                 registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
                 let lease = held.lease.lock().await;
                 match table.hand_over(&lease, &next).await {
-                    Ok(()) => count("kinesis_host_leases_handed_over_total", &config.stream),
+                    Ok(()) => count("kinesis_host_leases_handed_over_total", &config),
                     Err(error) => {
-                        count("kinesis_host_leases_lost_total", &config.stream);
+                        count("kinesis_host_leases_lost_total", &config);
                         tracing::info!(shard = %key, %error, "Could not hand the lease over; the other host takes it when its wait ends.");
                     }
                 }
@@ -709,7 +711,7 @@ async fn shard_task<P: ShardProcessor>(
                 let lease = held.lease.lock().await;
                 match table.release(&lease).await {
                     Ok(()) => {
-                        count("kinesis_host_leases_released_total", &config.stream);
+                        count("kinesis_host_leases_released_total", &config);
                     }
                     Err(error) => {
                         tracing::warn!(shard = %key, %error, "Could not release lease; it will expire.");
@@ -773,6 +775,7 @@ async fn checkpoint(
             let shard = updated.key.clone();
             metrics::counter!(
                 "kinesis_host_checkpoints_total",
+                "job" => config.job.clone(),
                 "stream" => stream.to_owned(),
                 "shard" => shard,
             )

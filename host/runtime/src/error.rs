@@ -91,7 +91,7 @@ pub enum SetupError {
 /// What kind of trap ended a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrapKind {
-    /// The call ran past its CPU deadline.
+    /// The call ran past its CPU deadline, or burned its fuel (`task.limits.fuel.per.batch`).
     Deadline,
     /// The instance tried to grow its memory past the limit.
     MemoryLimit,
@@ -106,7 +106,7 @@ pub enum TrapKind {
 impl std::fmt::Display for TrapKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            TrapKind::Deadline => "ran past its CPU deadline",
+            TrapKind::Deadline => "ran past its CPU deadline (or fuel budget)",
             TrapKind::MemoryLimit => "exceeded its memory limit",
             TrapKind::Panic => "panicked",
             TrapKind::StackOverflow => "overflowed its stack",

@@ -511,6 +511,10 @@ pub struct TaskInstance {
     task: KinesisTask,
     tick: Duration,
     poisoned: bool,
+    /// The fuel given to each call, when the job meters fuel.
+    fuel: Option<u64>,
+    /// Fuel burned by every call so far.
+    fuel_consumed: u64,
 }
 
 impl std::fmt::Debug for TaskInstance {
@@ -562,8 +566,19 @@ impl TaskInstance {
             state_refusal_logged: false,
             spec,
         };
+        let fuel = state.spec.limits.fuel_per_batch;
+        if fuel.is_some() && !runtime.fuel {
+            return Err(CallError::Instantiate {
+                shard_id: state.spec.shard_id.clone(),
+                source: "task.limits.fuel.per.batch is set, but the component was loaded by a runtime without fuel metering (RuntimeConfig::fuel)".into(),
+            });
+        }
         let mut store = Store::new(&runtime.engine, state);
         store.limiter(|s| &mut s.limiter);
+        if runtime.fuel {
+            // Instantiation runs no guest code but start functions: give them the call budget.
+            let _ = store.set_fuel(fuel.unwrap_or(u64::MAX));
+        }
         store.epoch_deadline_trap();
         store.set_epoch_deadline(u64::MAX / 2);
         let shard_id = store.data().spec.shard_id.clone();
@@ -576,11 +591,14 @@ impl TaskInstance {
             }
             CallError::Instantiate { shard_id: shard_id.clone(), source: source.into() }
         })?;
-        let mut instance = Self { store, task, tick: runtime.tick, poisoned: false };
+        let mut instance =
+            Self { store, task, tick: runtime.tick, poisoned: false, fuel, fuel_consumed: 0 };
         let init_timeout = instance.store.data().spec.limits.init_timeout;
         let config = instance.store.data().spec.config.clone();
         instance.set_deadline(init_timeout);
+        instance.refuel();
         let result = instance.task.kinesis_task_task().call_init(&mut instance.store, &config);
+        instance.count_fuel();
         let stderr_tail = instance.store.data_mut().drain_output();
         match result {
             Ok(Ok(())) => Ok(instance),
@@ -610,7 +628,9 @@ impl TaskInstance {
         self.store.data_mut().begin_call(state);
         let timeout = self.store.data().spec.limits.batch_timeout;
         self.set_deadline(timeout);
+        self.refuel();
         let result = self.task.kinesis_task_task().call_process(&mut self.store, batch.wit());
+        self.count_fuel();
         let stderr_tail = self.store.data_mut().drain_output();
         let host = self.store.data_mut();
         *state = std::mem::take(&mut host.state);
@@ -646,6 +666,7 @@ impl TaskInstance {
         }
         let timeout = self.store.data().spec.limits.init_timeout;
         self.set_deadline(timeout);
+        self.refuel();
         let result = self.task.kinesis_task_task().call_shutdown(&mut self.store);
         self.store.data_mut().drain_output();
         if let Err(trap) = result {
@@ -662,6 +683,28 @@ impl TaskInstance {
     /// The task's metrics as last updated.
     pub fn metrics(&self) -> &BTreeMap<String, MetricValue> {
         &self.store.data().metrics
+    }
+
+    /// Fuel burned by all of this instance's calls (`init` included); 0 unless the job meters
+    /// fuel ([`Limits::fuel_per_batch`]).
+    pub fn fuel_consumed(&self) -> u64 {
+        self.fuel_consumed
+    }
+
+    /// Gives the next call its fuel budget (a no-op unless the job meters fuel).
+    fn refuel(&mut self) {
+        if let Some(fuel) = self.fuel {
+            let _ = self.store.set_fuel(fuel);
+        }
+    }
+
+    /// Adds what the last call burned to [`TaskInstance::fuel_consumed`].
+    fn count_fuel(&mut self) {
+        if let Some(fuel) = self.fuel
+            && let Ok(left) = self.store.get_fuel()
+        {
+            self.fuel_consumed = self.fuel_consumed.saturating_add(fuel.saturating_sub(left));
+        }
     }
 
     fn set_deadline(&mut self, timeout: Duration) {
@@ -691,7 +734,8 @@ impl TaskInstance {
             TrapKind::MemoryLimit
         } else {
             match error.downcast_ref::<Trap>() {
-                Some(Trap::Interrupt) => TrapKind::Deadline,
+                // Both are CPU limits: the epoch deadline and task.limits.fuel.per.batch.
+                Some(Trap::Interrupt | Trap::OutOfFuel) => TrapKind::Deadline,
                 Some(Trap::UnreachableCodeReached) => TrapKind::Panic,
                 Some(Trap::StackOverflow) => TrapKind::StackOverflow,
                 _ => TrapKind::Other,

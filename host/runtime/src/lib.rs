@@ -85,6 +85,11 @@ pub struct RuntimeConfig {
     pub epoch_tick: Duration,
     /// The clock for rate limits.
     pub clock: Arc<dyn Clock>,
+    /// Whether the engine meters fuel (`Config::consume_fuel`). It applies to every instance of
+    /// the engine and slows all guest code down, so only jobs with
+    /// [`Limits::fuel_per_batch`] should run on such a runtime; jobs without it get a runtime
+    /// without fuel.
+    pub fuel: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -93,6 +98,7 @@ impl Default for RuntimeConfig {
             cache_dir: None,
             epoch_tick: Duration::from_millis(10),
             clock: Arc::new(SystemClock),
+            fuel: false,
         }
     }
 }
@@ -103,6 +109,7 @@ pub(crate) struct RuntimeInner {
     pub(crate) cache_dir: Option<PathBuf>,
     pub(crate) tick: Duration,
     pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) fuel: bool,
     stop: Arc<AtomicBool>,
     ticker: Mutex<Option<JoinHandle<()>>>,
 }
@@ -143,6 +150,7 @@ impl Runtime {
         c.concurrency_support(false);
         c.epoch_interruption(true);
         c.max_wasm_stack(512 << 10);
+        c.consume_fuel(config.fuel);
         let engine = Engine::new(&c).map_err(|e| SetupError::Engine(e.to_string().into()))?;
 
         let mut linker: Linker<HostState> = Linker::new(&engine);
@@ -178,10 +186,21 @@ impl Runtime {
                 cache_dir: config.cache_dir,
                 tick,
                 clock: config.clock,
+                fuel: config.fuel,
                 stop,
                 ticker: Mutex::new(Some(ticker)),
             }),
         })
+    }
+
+    /// The folder of compiled components, if any ([`RuntimeConfig::cache_dir`]).
+    pub fn cache_dir(&self) -> Option<&Path> {
+        self.inner.cache_dir.as_deref()
+    }
+
+    /// Whether this runtime's engine meters fuel ([`RuntimeConfig::fuel`]).
+    pub fn meters_fuel(&self) -> bool {
+        self.inner.fuel
     }
 
     /// Loads a task component from a `.wasm` file: compiles it (or takes it from the cache),

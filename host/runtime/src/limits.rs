@@ -29,6 +29,10 @@ pub struct Limits {
     pub log_line_bytes: usize,
     /// Distinct metric names one instance may use; further names are ignored.
     pub metric_names: usize,
+    /// Fuel (roughly, wasm instructions) one `process` call may burn, and likewise `init` and
+    /// `shutdown`; running out traps like the CPU deadline. `None` meters nothing. Needs a
+    /// runtime made with [`crate::RuntimeConfig::fuel`].
+    pub fuel_per_batch: Option<u64>,
 }
 
 impl Default for Limits {
@@ -46,6 +50,7 @@ impl Default for Limits {
             log_bytes_per_second: 64 << 10,
             log_line_bytes: 4096,
             metric_names: 256,
+            fuel_per_batch: None,
         }
     }
 }

@@ -1,0 +1,648 @@
+//! `kinesis-host serve --jobs DIR`: one host process running many users' jobs, each as
+//! `kinesis-host run` would run it, side by side and isolated from each other.
+//!
+//! **Layout.** Every folder directly under `DIR` whose name does not start with `.` is one job:
+//! it holds the job's `job.properties` and exactly one `.wasm` file, its task. Other files are
+//! ignored. The folder's name identifies the job in logs and in
+//! `kinesis_host_serve_job_errors_total`; `job.name` labels its metrics and must be unique among
+//! the jobs, as must the lease tables of their inputs.
+//!
+//! **Changes.** The folder is watched (debounced), and `SIGHUP` rescans it too. A job whose two
+//! files are unchanged (by content) keeps running untouched. A new folder starts a job; a folder
+//! removed stops its job gracefully (batches in flight finished, checkpoints written, leases
+//! released). A changed job is first validated (its properties parsed, its component loaded and
+//! type-checked); only then is the old version stopped gracefully and the new one started, which
+//! takes the released leases at once and resumes after the checkpoints, so no record is lost or
+//! processed again. Invalid files are reported (an error log line, the counter and the
+//! `invalid` state of the jobs gauge) while the previous version, if any, keeps running; they
+//! are tried again when the folder's files change, or on `SIGHUP`. A job that stops on its own
+//! with an error (a stream that does not exist, for example) is reported the same way and also
+//! retried on the next change or `SIGHUP`.
+//!
+//! **Sharing.** All jobs share one wasmtime [`Runtime`] (one engine, one epoch ticker, one
+//! compiled-code cache); jobs with `task.limits.fuel.per.batch` share a second runtime whose
+//! engine meters fuel, since fuel metering is an engine-wide setting that slows every guest.
+//! All jobs share one metrics endpoint and one CPU gate ([`crate::fairness`]). Everything else
+//! is the job's own: AWS clients and credentials, lease workers, task instances and limits.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use kinesis_host_runtime::{Clock, LoadError, Runtime, RuntimeConfig, SetupError, TaskComponent};
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::config::{ConfigError, JobConfig};
+use crate::fairness::{CpuGate, FairnessConfig};
+use crate::metrics::Health;
+use crate::samza::RunConfig;
+
+/// The gauge of jobs by `state`: `running`, `invalid` or `failed`.
+pub const JOBS: &str = "kinesis_host_serve_jobs";
+/// The counter of rejected or failed jobs, by job `folder`.
+pub const JOB_ERRORS: &str = "kinesis_host_serve_job_errors_total";
+
+/// The name of a job's settings file in its folder.
+pub const PROPERTIES: &str = "job.properties";
+
+/// Settings of `serve`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The folder of job folders.
+    pub jobs_dir: PathBuf,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` for all jobs.
+    pub metrics_address: Option<String>,
+    /// The CPU gate's settings.
+    pub fairness: FairnessConfig,
+    /// How long the folder must be quiet after a change before it is rescanned.
+    pub debounce: Duration,
+    /// The compiled-code cache of the fuel-metering runtime (as the shared runtime's).
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Why `serve` cannot run at all. (A job's own problems never stop `serve`: see
+/// [`JobFilesError`].)
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The jobs folder is missing or unreadable.
+    #[error("cannot read the jobs folder {path}: {source}; create it (one sub-folder per job)")]
+    JobsDir {
+        /// The folder.
+        path: PathBuf,
+        /// What the file system said.
+        source: std::io::Error,
+    },
+    /// The folder cannot be watched.
+    #[error("cannot watch the jobs folder {path} for changes: {source}")]
+    Watch {
+        /// The folder.
+        path: PathBuf,
+        /// What the watcher said.
+        source: notify_debouncer_mini::notify::Error,
+    },
+    /// The metrics endpoint cannot be set up.
+    #[error("cannot serve metrics on {address}: {message}")]
+    Metrics {
+        /// `--metrics-address`.
+        address: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Why one job's files cannot be run; reported, and tried again on the next change.
+#[derive(Debug, thiserror::Error)]
+pub enum JobFilesError {
+    /// The folder or one of its files cannot be read.
+    #[error("job folder {folder}: cannot read {path}: {source}")]
+    Read {
+        /// The job folder.
+        folder: String,
+        /// The file or folder.
+        path: PathBuf,
+        /// What the file system said.
+        source: std::io::Error,
+    },
+    /// No `job.properties`.
+    #[error("job folder {folder}: no {PROPERTIES}; put the job's settings there")]
+    NoProperties {
+        /// The job folder.
+        folder: String,
+    },
+    /// Not exactly one `.wasm` file.
+    #[error(
+        "job folder {folder}: {found} .wasm files ({names}); put exactly one task component there"
+    )]
+    Wasm {
+        /// The job folder.
+        folder: String,
+        /// How many there are.
+        found: usize,
+        /// Their names.
+        names: String,
+    },
+    /// `job.properties` is invalid.
+    #[error("job folder {folder}: {source}")]
+    Config {
+        /// The job folder.
+        folder: String,
+        /// What is wrong (names the file and key).
+        source: Box<ConfigError>,
+    },
+    /// Another job already uses the job name or a lease table.
+    #[error(
+        "job folder {folder}: {what} is already used by job folder {other}; give each job its own job.name (and aws.kcl.TableName, if set)"
+    )]
+    Clash {
+        /// The job folder.
+        folder: String,
+        /// The name in conflict.
+        what: String,
+        /// The job folder using it.
+        other: String,
+    },
+    /// The component is not a usable task.
+    #[error("job folder {folder}: {source}")]
+    Load {
+        /// The job folder.
+        folder: String,
+        /// What is wrong with the component (names the file).
+        source: LoadError,
+    },
+    /// The fuel-metering runtime cannot be set up.
+    #[error("job folder {folder}: cannot set up the fuel-metering runtime: {source}")]
+    FuelRuntime {
+        /// The job folder.
+        folder: String,
+        /// What wasmtime said.
+        source: SetupError,
+    },
+}
+
+/// A job folder's files, read.
+#[derive(Debug)]
+struct JobFiles {
+    properties: PathBuf,
+    wasm: PathBuf,
+    /// A digest of both files' contents and the component's name.
+    fingerprint: u64,
+}
+
+/// A job ready to start.
+struct Prepared {
+    run: RunConfig,
+    job: JobConfig,
+    component: Arc<TaskComponent>,
+    tables: BTreeSet<String>,
+}
+
+/// A job as `serve` last saw it.
+#[derive(Debug)]
+struct Slot {
+    /// The fingerprint of the files last acted on (started, or rejected).
+    seen: u64,
+    /// The version running, if any.
+    running: Option<Running>,
+    /// Why the files last seen were rejected, or why the job stopped.
+    problem: Option<Problem>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Problem {
+    Invalid,
+    Failed,
+}
+
+#[derive(Debug)]
+struct Running {
+    job_name: String,
+    tables: BTreeSet<String>,
+    generation: u64,
+    stop: watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+/// A job's run ended: folder, generation, outcome.
+type Ended = (String, u64, Result<(), String>);
+
+/// The supervisor: the jobs, the shared runtimes and the CPU gate.
+struct Supervisor {
+    config: ServeConfig,
+    runtime: Runtime,
+    fuel_runtime: Mutex<Option<Runtime>>,
+    clock: Arc<dyn Clock>,
+    gate: Arc<CpuGate>,
+    slots: BTreeMap<String, Slot>,
+    next_generation: u64,
+    ended: mpsc::UnboundedSender<Ended>,
+}
+
+/// Runs every job of `config.jobs_dir` until `shutdown` becomes true, then stops them all
+/// gracefully. `reload` (SIGHUP) rescans the folder and retries rejected or failed jobs.
+///
+/// # Errors
+/// When the jobs folder cannot be read or watched, or the metrics endpoint cannot be set up.
+/// A job's own problems are reported and never end `serve`.
+pub async fn serve(
+    config: ServeConfig,
+    runtime: Runtime,
+    clock: Arc<dyn Clock>,
+    mut shutdown: watch::Receiver<bool>,
+    reload: Arc<Notify>,
+) -> Result<(), ServeError> {
+    let dir = config.jobs_dir.clone();
+    std::fs::read_dir(&dir).map_err(|source| ServeError::JobsDir { path: dir.clone(), source })?;
+    let server = match &config.metrics_address {
+        Some(address) => Some(serve_metrics(address, shutdown.clone()).await?),
+        None => None,
+    };
+    // File changes, debounced, wake the loop like SIGHUP does (but retry nothing unchanged).
+    let changed = Arc::new(Notify::new());
+    let _watcher = {
+        let changed = changed.clone();
+        let mut debouncer = notify_debouncer_mini::new_debouncer(
+            config.debounce,
+            move |events: notify_debouncer_mini::DebounceEventResult| match events {
+                Ok(_) => changed.notify_one(),
+                Err(error) => {
+                    tracing::warn!(%error, "Watching the jobs folder failed; rescanning.");
+                    changed.notify_one();
+                }
+            },
+        )
+        .map_err(|source| ServeError::Watch { path: dir.clone(), source })?;
+        debouncer
+            .watcher()
+            .watch(&dir, notify_debouncer_mini::notify::RecursiveMode::Recursive)
+            .map_err(|source| ServeError::Watch { path: dir.clone(), source })?;
+        debouncer
+    };
+    let (ended_tx, mut ended) = mpsc::unbounded_channel();
+    let mut supervisor = Supervisor {
+        gate: Arc::new(CpuGate::new(config.fairness)),
+        config,
+        runtime,
+        fuel_runtime: Mutex::new(None),
+        clock,
+        slots: BTreeMap::new(),
+        next_generation: 0,
+        ended: ended_tx,
+    };
+    let gate = supervisor.gate.config();
+    tracing::info!(jobs = %dir.display(), max_concurrent_calls = gate.max_concurrent_calls, penalty_factor = gate.penalty_factor, "Serving jobs.");
+    supervisor.reconcile(false).await;
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.changed() => {}
+            () = changed.notified() => supervisor.reconcile(false).await,
+            () = reload.notified() => {
+                tracing::info!("Reloading the jobs folder (SIGHUP).");
+                supervisor.reconcile(true).await;
+            }
+            Some((folder, generation, outcome)) = ended.recv() => {
+                supervisor.job_ended(&folder, generation, outcome);
+            }
+        }
+    }
+    tracing::info!(
+        "Stopping every job: finishing the batches in flight, then checkpointing and releasing leases."
+    );
+    supervisor.stop_all().await;
+    if let Some(server) = server {
+        server.abort();
+    }
+    Ok(())
+}
+
+async fn serve_metrics(
+    address: &str,
+    stopping: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+    let failed = |message: String| ServeError::Metrics { address: address.to_owned(), message };
+    let handle = crate::metrics::install_for_jobs().map_err(|e| failed(e.to_string()))?;
+    let listener =
+        tokio::net::TcpListener::bind(address).await.map_err(|e| failed(e.to_string()))?;
+    let local = listener.local_addr().map_or_else(|_| address.to_owned(), |a| a.to_string());
+    tracing::info!(address = %local, "Serving /metrics, /healthz and /readyz.");
+    // Health of the host itself: jobs come and go, and one job's failure is that job's.
+    let health = Arc::new(Health::new(0, stopping));
+    Ok(tokio::spawn(crate::metrics::serve(listener, handle, health)))
+}
+
+/// The job folders under `dir`, by name.
+fn job_folders(dir: &Path) -> std::io::Result<BTreeMap<String, PathBuf>> {
+    let mut folders = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !entry.file_type()?.is_dir() {
+            continue;
+        }
+        folders.insert(name, entry.path());
+    }
+    Ok(folders)
+}
+
+/// Finds a job folder's two files and digests them.
+fn read_job_files(folder: &str, path: &Path) -> Result<JobFiles, JobFilesError> {
+    let read_err = |path: &Path, source| JobFilesError::Read {
+        folder: folder.to_owned(),
+        path: path.to_owned(),
+        source,
+    };
+    let mut wasm = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(|e| read_err(path, e))? {
+        let entry = entry.map_err(|e| read_err(path, e))?;
+        let p = entry.path();
+        if p.extension().is_some_and(|e| e == "wasm") && p.is_file() {
+            wasm.push(p);
+        }
+    }
+    wasm.sort();
+    let properties = path.join(PROPERTIES);
+    if !properties.is_file() {
+        return Err(JobFilesError::NoProperties { folder: folder.to_owned() });
+    }
+    let [wasm] = <[PathBuf; 1]>::try_from(wasm).map_err(|all| JobFilesError::Wasm {
+        folder: folder.to_owned(),
+        found: all.len(),
+        names: all
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect::<Vec<_>>()
+            .join(", "),
+    })?;
+    let mut hasher = DefaultHasher::new();
+    std::fs::read(&properties).map_err(|e| read_err(&properties, e))?.hash(&mut hasher);
+    std::fs::read(&wasm).map_err(|e| read_err(&wasm, e))?.hash(&mut hasher);
+    wasm.file_name().hash(&mut hasher);
+    Ok(JobFiles { properties, wasm, fingerprint: hasher.finish() })
+}
+
+impl Supervisor {
+    /// Brings the running jobs in line with the folder. With `retry`, jobs rejected or failed
+    /// before are tried again even if their files did not change.
+    async fn reconcile(&mut self, retry: bool) {
+        let dir = self.config.jobs_dir.clone();
+        let folders = match job_folders(&dir) {
+            Ok(folders) => folders,
+            Err(error) => {
+                tracing::error!(jobs = %dir.display(), %error, "Cannot read the jobs folder; keeping the jobs as they are.");
+                return;
+            }
+        };
+        let gone: Vec<String> =
+            self.slots.keys().filter(|f| !folders.contains_key(*f)).cloned().collect();
+        for folder in gone {
+            if let Some(slot) = self.slots.remove(&folder) {
+                if let Some(running) = slot.running {
+                    tracing::info!(folder, job = %running.job_name, "Job folder removed: stopping the job.");
+                    self.stop(running).await;
+                } else {
+                    tracing::info!(folder, "Job folder removed.");
+                }
+            }
+        }
+        for (folder, path) in folders {
+            let files = match read_job_files(&folder, &path) {
+                Ok(files) => files,
+                Err(error) => {
+                    // Files being written are often briefly incomplete: report, keep what runs.
+                    // The same problem is reported once, a different one again.
+                    let mut hasher = DefaultHasher::new();
+                    error.to_string().hash(&mut hasher);
+                    self.reject(&folder, hasher.finish(), &error);
+                    continue;
+                }
+            };
+            let slot = self.slots.get(&folder);
+            let unchanged = slot.is_some_and(|s| s.seen == files.fingerprint);
+            let healthy = slot.is_some_and(|s| s.problem.is_none());
+            if unchanged && (healthy || !retry) {
+                continue;
+            }
+            match self.prepare(&folder, &files).await {
+                Ok(prepared) => {
+                    if let Some(running) =
+                        self.slots.get_mut(&folder).and_then(|s| s.running.take())
+                    {
+                        tracing::info!(folder, job = %running.job_name, "Job changed: stopping the running version (checkpoint and release), then starting the new one.");
+                        self.stop(running).await;
+                    }
+                    self.start(&folder, files.fingerprint, prepared);
+                }
+                Err(error) => self.reject(&folder, files.fingerprint, &error),
+            }
+        }
+        self.publish_counts();
+    }
+
+    /// Reports `error` for `folder`, keeping whatever version of it runs.
+    fn reject(&mut self, folder: &str, fingerprint: u64, error: &JobFilesError) {
+        let slot = self.slots.entry(folder.to_owned()).or_insert(Slot {
+            seen: 0,
+            running: None,
+            problem: None,
+        });
+        if slot.seen == fingerprint && slot.problem == Some(Problem::Invalid) {
+            return; // reported already
+        }
+        slot.seen = fingerprint;
+        slot.problem = Some(Problem::Invalid);
+        let keeps = slot.running.as_ref().map(|r| r.job_name.clone());
+        match keeps {
+            Some(job) => {
+                tracing::error!(folder, %error, running = %job, "Job files rejected; the previous version keeps running. Fix the files to retry.")
+            }
+            None => {
+                tracing::error!(folder, %error, "Job files rejected; the job does not run. Fix the files to retry.")
+            }
+        }
+        metrics::counter!(JOB_ERRORS, "folder" => folder.to_owned()).increment(1);
+    }
+
+    /// Parses and checks a job's files and loads its component.
+    async fn prepare(&self, folder: &str, files: &JobFiles) -> Result<Prepared, JobFilesError> {
+        let config_err =
+            |source| JobFilesError::Config { folder: folder.to_owned(), source: Box::new(source) };
+        let props = crate::config::read_properties(&files.properties).map_err(config_err)?;
+        let mut job = JobConfig::from_properties(&files.properties, &props).map_err(config_err)?;
+        let (run, warnings) =
+            crate::samza::parse_run_config(&files.properties, &props).map_err(config_err)?;
+        for warning in warnings {
+            tracing::warn!(folder, "{warning}");
+        }
+        if job.metrics_address.take().is_some() {
+            tracing::warn!(
+                folder,
+                "metrics.address is ignored under serve: every job's metrics are on serve's --metrics-address."
+            );
+        }
+        let tables: BTreeSet<String> =
+            run.inputs.iter().map(|input| input.kcl.table_name.clone()).collect();
+        for (other, slot) in &self.slots {
+            let Some(running) = slot.running.as_ref().filter(|_| other != folder) else {
+                continue;
+            };
+            let clash = |what: String| JobFilesError::Clash {
+                folder: folder.to_owned(),
+                what,
+                other: other.clone(),
+            };
+            if running.job_name == job.job_name {
+                return Err(clash(format!("job.name {}", job.job_name)));
+            }
+            if let Some(table) = running.tables.intersection(&tables).next() {
+                return Err(clash(format!("the lease table {table}")));
+            }
+        }
+        let runtime = if job.limits.fuel_per_batch.is_some() {
+            self.fuel_runtime(folder)?
+        } else {
+            self.runtime.clone()
+        };
+        let wasm = files.wasm.clone();
+        let component = tokio::task::spawn_blocking(move || runtime.load(&wasm))
+            .await
+            .map_err(|e| JobFilesError::Read {
+                folder: folder.to_owned(),
+                path: files.wasm.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+            .map_err(|source| JobFilesError::Load { folder: folder.to_owned(), source })?;
+        Ok(Prepared { run, job, component, tables })
+    }
+
+    /// The runtime for jobs that meter fuel, made on first use.
+    fn fuel_runtime(&self, folder: &str) -> Result<Runtime, JobFilesError> {
+        let mut fuel = self.fuel_runtime.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(runtime) = fuel.as_ref() {
+            return Ok(runtime.clone());
+        }
+        let runtime = Runtime::new(RuntimeConfig {
+            cache_dir: self.config.cache_dir.clone(),
+            fuel: true,
+            ..RuntimeConfig::default()
+        })
+        .map_err(|source| JobFilesError::FuelRuntime { folder: folder.to_owned(), source })?;
+        tracing::info!(
+            "Started the fuel-metering runtime for jobs with task.limits.fuel.per.batch."
+        );
+        *fuel = Some(runtime.clone());
+        Ok(runtime)
+    }
+
+    fn start(&mut self, folder: &str, fingerprint: u64, prepared: Prepared) {
+        let Prepared { run, job, component, tables } = prepared;
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let job_name = job.job_name.clone();
+        self.gate.starting(&job_name);
+        let (stop, stopped) = watch::channel(false);
+        let (clock, gate, ended) = (self.clock.clone(), self.gate.clone(), self.ended.clone());
+        let folder_name = folder.to_owned();
+        tracing::info!(folder, job = %job_name, component = %component.path().display(), "Starting job.");
+        let handle = tokio::spawn(async move {
+            let outcome = crate::run::run_gated(run, job, component, clock, stopped, Some(gate))
+                .await
+                .map_err(|e| format!("{e:#}"));
+            let _ = ended.send((folder_name, generation, outcome));
+        });
+        let running = Running { job_name, tables, generation, stop, handle };
+        self.slots.insert(
+            folder.to_owned(),
+            Slot { seen: fingerprint, running: Some(running), problem: None },
+        );
+    }
+
+    /// Stops a job gracefully and waits for it.
+    async fn stop(&self, running: Running) {
+        let _ = running.stop.send(true);
+        // A penalty must not hold up the batches in flight.
+        self.gate.stopping(&running.job_name);
+        if let Err(error) = running.handle.await {
+            tracing::error!(job = %running.job_name, %error, "The job's task panicked while stopping.");
+        }
+        tracing::info!(job = %running.job_name, "Job stopped.");
+    }
+
+    /// All jobs, in parallel.
+    async fn stop_all(&mut self) {
+        let running: Vec<Running> =
+            self.slots.values_mut().filter_map(|s| s.running.take()).collect();
+        for r in &running {
+            let _ = r.stop.send(true);
+            self.gate.stopping(&r.job_name);
+        }
+        for r in running {
+            if let Err(error) = r.handle.await {
+                tracing::error!(job = %r.job_name, %error, "The job's task panicked while stopping.");
+            }
+        }
+    }
+
+    /// A job's run ended without being asked to stop (asked-for stops are awaited in place).
+    fn job_ended(&mut self, folder: &str, generation: u64, outcome: Result<(), String>) {
+        let Some(slot) = self.slots.get_mut(folder) else { return };
+        if slot.running.as_ref().is_none_or(|r| r.generation != generation) {
+            return;
+        }
+        let running = slot.running.take();
+        let job = running.map(|r| r.job_name).unwrap_or_default();
+        match outcome {
+            Ok(()) => {
+                tracing::warn!(
+                    folder,
+                    job,
+                    "Job stopped by itself; it restarts when its files change or on SIGHUP."
+                );
+            }
+            Err(error) => {
+                tracing::error!(folder, job, %error, "Job failed; the other jobs go on. It restarts when its files change or on SIGHUP.");
+                metrics::counter!(JOB_ERRORS, "folder" => folder.to_owned()).increment(1);
+            }
+        }
+        slot.problem = Some(Problem::Failed);
+        self.publish_counts();
+    }
+
+    fn publish_counts(&self) {
+        let mut running = 0;
+        let mut invalid = 0;
+        let mut failed = 0;
+        for slot in self.slots.values() {
+            if slot.running.is_some() {
+                running += 1;
+            }
+            match slot.problem {
+                Some(Problem::Invalid) => invalid += 1,
+                Some(Problem::Failed) => failed += 1,
+                None => {}
+            }
+        }
+        metrics::gauge!(JOBS, "state" => "running").set(f64::from(running));
+        metrics::gauge!(JOBS, "state" => "invalid").set(f64::from(invalid));
+        metrics::gauge!(JOBS, "state" => "failed").set(f64::from(failed));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_folder_needs_properties_and_exactly_one_component() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let job = dir.path().join("a");
+        std::fs::create_dir(&job).expect("mkdir");
+        let err = read_job_files("a", &job).expect_err("empty");
+        assert!(matches!(err, JobFilesError::NoProperties { .. }), "{err}");
+        std::fs::write(job.join(PROPERTIES), "job.name=a\n").expect("write");
+        let err = read_job_files("a", &job).expect_err("no wasm");
+        assert!(matches!(err, JobFilesError::Wasm { found: 0, .. }), "{err}");
+        std::fs::write(job.join("one.wasm"), b"\0asm").expect("write");
+        std::fs::write(job.join("two.wasm"), b"\0asm").expect("write");
+        let err = read_job_files("a", &job).expect_err("two");
+        assert!(err.to_string().contains("one.wasm, two.wasm"), "{err}");
+        std::fs::remove_file(job.join("two.wasm")).expect("rm");
+        let first = read_job_files("a", &job).expect("valid").fingerprint;
+        assert_eq!(read_job_files("a", &job).expect("valid").fingerprint, first);
+        std::fs::write(job.join("one.wasm"), b"\0asm\x01").expect("write");
+        assert_ne!(read_job_files("a", &job).expect("valid").fingerprint, first);
+    }
+
+    #[test]
+    fn hidden_folders_and_plain_files_are_not_jobs() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        std::fs::create_dir(dir.path().join(".tmp")).expect("mkdir");
+        std::fs::create_dir(dir.path().join("job-1")).expect("mkdir");
+        std::fs::write(dir.path().join("README"), "x").expect("write");
+        let folders = job_folders(dir.path()).expect("read");
+        assert_eq!(folders.keys().collect::<Vec<_>>(), ["job-1"]);
+    }
+}
