@@ -371,13 +371,30 @@ impl LeaseTable {
         values: Vec<(&str, AttributeValue)>,
         updated: Lease,
     ) -> Result<Lease, LeaseError> {
+        self.update_where(operation, lease, set, None, values, updated).await
+    }
+
+    /// [`update`](Self::update), also conditional on `extra` (ANDed with the counter check).
+    async fn update_where(
+        &self,
+        operation: &'static str,
+        lease: &Lease,
+        set: &str,
+        extra: Option<&str>,
+        values: Vec<(&str, AttributeValue)>,
+        updated: Lease,
+    ) -> Result<Lease, LeaseError> {
+        let condition = match extra {
+            Some(extra) => format!("#counter = :counter AND {extra}"),
+            None => "#counter = :counter".to_owned(),
+        };
         let mut request = self
             .client
             .update_item()
             .table_name(&self.table)
             .key(attr::LEASE_KEY, s(&lease.key))
             .update_expression(set)
-            .condition_expression("#counter = :counter")
+            .condition_expression(&condition)
             .expression_attribute_names("#counter", attr::LEASE_COUNTER)
             .expression_attribute_values(":counter", n(lease.counter))
             .expression_attribute_values(":next", n(lease.counter + 1));
@@ -400,7 +417,7 @@ impl LeaseTable {
             ("#hsdigest", state_attr::STATE_DIGEST),
             ("#ckptowner", attr::CHECKPOINT_OWNER),
         ] {
-            if set.contains(placeholder) {
+            if set.contains(placeholder) || condition.contains(placeholder) {
                 request = request.expression_attribute_names(placeholder, name);
             }
         }
@@ -644,17 +661,21 @@ impl LeaseTable {
     /// checkpoint: names `next` as owner, removes `checkpointOwner` and moves the counter.
     ///
     /// # Errors
-    /// [`LeaseError::Lost`] when the lease changed since.
+    /// [`LeaseError::Lost`] when the lease changed since, or `next` is no longer the one asking
+    /// (it withdrew its request, or the mark is gone).
     pub async fn hand_over(&self, lease: &Lease, next: &str) -> Result<(), LeaseError> {
         let mut updated = lease.clone();
         updated.counter += 1;
         updated.owner = Some(next.to_owned());
         updated.checkpoint_owner = None;
         updated.owner_switches_since_checkpoint += 1;
-        self.update(
+        // Only to a taker still asking (it may have withdrawn, or another host asked since):
+        // otherwise the lease would name an owner that never starts it.
+        self.update_where(
             "UpdateItem (hand over)",
             lease,
             "SET #counter = :next, #owner = :taker REMOVE #ckptowner ADD #switches :one",
+            Some("#owner = :taker AND attribute_exists(#ckptowner)"),
             vec![(":taker", s(next)), (":one", n(1))],
             updated,
         )

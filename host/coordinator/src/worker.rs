@@ -700,10 +700,18 @@ async fn shard_task<P: ShardProcessor>(
                 let lease = held.lease.lock().await;
                 match table.hand_over(&lease, &next).await {
                     Ok(()) => count("kinesis_host_leases_handed_over_total", &config),
-                    Err(error) => {
-                        count("kinesis_host_leases_lost_total", &config);
-                        tracing::info!(shard = %key, %error, "Could not hand the lease over; the other host takes it when its wait ends.");
-                    }
+                    // The taker withdrew or another host asked since: release the lease so that
+                    // whoever is free takes it at once (fails too if the counter moved).
+                    Err(error) => match table.release(&lease).await {
+                        Ok(()) => {
+                            count("kinesis_host_leases_released_total", &config);
+                            tracing::info!(shard = %key, next, %error, "The hand-off request changed; released the lease instead.");
+                        }
+                        Err(_) => {
+                            count("kinesis_host_leases_lost_total", &config);
+                            tracing::info!(shard = %key, %error, "Could not hand the lease over; the other host takes it when its wait ends.");
+                        }
+                    },
                 }
                 wake.notify_one();
             } else if !*stop.borrow() {
