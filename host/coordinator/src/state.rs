@@ -118,6 +118,12 @@ pub enum StateRef {
         /// Its SHA-256, hex.
         digest: String,
     },
+    /// The lease item's `hostState*` attributes do not name a snapshot (edited by hand, or
+    /// written by something else): only this shard fails, when its state is restored.
+    Malformed {
+        /// What is wrong.
+        problem: String,
+    },
 }
 
 /// Attribute names of the state on a lease item (unknown to KCL, which keeps them).
@@ -339,6 +345,14 @@ impl StateStore {
             StateRef::Stored { version, chunks, bytes, digest } => {
                 let data = self.read(shard, version, *chunks, *bytes).await?;
                 (data, digest, version.clone(), self.table.clone())
+            }
+            StateRef::Malformed { problem } => {
+                return Err(StateError::Damaged {
+                    table: self.lease_table.clone(),
+                    shard: shard.to_owned(),
+                    version: "unknown".to_owned(),
+                    problem: problem.clone(),
+                });
             }
         };
         let damaged = |problem: String| StateError::Damaged {

@@ -800,7 +800,7 @@ async fn checkpoint(
                 task_state.dirty = false;
                 let keep = match &prepared {
                     StateRef::Stored { version, .. } => Some(version.as_str()),
-                    StateRef::Inline { .. } => None,
+                    StateRef::Inline { .. } | StateRef::Malformed { .. } => None,
                 };
                 // Older versions can no longer be named by anyone: the lease names `keep`,
                 // and a later owner writes versions numbered above `committed_counter`.
