@@ -90,8 +90,22 @@ struct State {
     stopping: HashSet<String>,
     /// Jobs started and not yet stopped, whether or not they are calling now.
     registered: HashSet<String>,
+    /// Jobs unregistered while calls of theirs still ran: their state goes with their last call.
+    retired: HashSet<String>,
     /// Slots in all.
     slots: usize,
+}
+
+impl State {
+    /// The jobs that share the slots: those started and not stopped, and any calling now.
+    fn active(&self) -> usize {
+        self.jobs
+            .iter()
+            .filter(|(name, j)| {
+                j.running > 0 || !j.queue.is_empty() || self.registered.contains(*name)
+            })
+            .count()
+    }
 }
 
 /// The gate in front of every wasm call of a host's jobs. Shared (`Arc`) by all jobs.
@@ -168,14 +182,7 @@ impl CpuGate {
     /// among the others. Jobs serving a penalty get nothing; suspect jobs one call at a time.
     fn dispatch(state: &mut State, now: Instant) {
         while state.free > 0 {
-            let active = state
-                .jobs
-                .iter()
-                .filter(|(name, j)| {
-                    j.running > 0 || !j.queue.is_empty() || state.registered.contains(*name)
-                })
-                .count()
-                .max(1);
+            let active = state.active().max(1);
             let share = state.slots.div_ceil(active).max(1);
             let eligible = |j: &JobCpu| {
                 !j.queue.is_empty()
@@ -207,7 +214,7 @@ impl CpuGate {
         let penalty;
         {
             let mut state = self.lock();
-            penalty = if failed && !state.stopping.contains(job) {
+            penalty = if failed && !state.stopping.contains(job) && !state.retired.contains(job) {
                 burned.mul_f64(self.config.penalty_factor).min(self.config.max_penalty)
             } else {
                 Duration::ZERO
@@ -230,6 +237,12 @@ impl CpuGate {
                     penalty_ms = penalty.as_millis(),
                     "Task call failed after burning CPU; the job waits before its next call."
                 );
+            }
+            let idle = entry.running == 0 && entry.queue.is_empty();
+            if idle && state.retired.contains(job) {
+                // Unregistered while this call ran: forget it now.
+                state.retired.remove(job);
+                state.jobs.remove(job);
             }
             Self::dispatch(&mut state, now);
         }
@@ -259,7 +272,32 @@ impl CpuGate {
     pub fn starting(&self, job: &str) {
         let mut state = self.lock();
         state.stopping.remove(job);
+        state.retired.remove(job);
         state.registered.insert(job.to_owned());
+    }
+
+    /// `job` is gone (its folder removed, or its run ended by itself): it no longer counts
+    /// among the active jobs that share the slots, and the gate forgets it (its CPU history and
+    /// any penalty) once its last call, if one still runs, ends. A job started again under the
+    /// same name later begins afresh, at the gate's current virtual time.
+    pub fn unregister(&self, job: &str) {
+        let mut state = self.lock();
+        state.registered.remove(job);
+        state.stopping.remove(job);
+        match state.jobs.get_mut(job) {
+            Some(entry) if entry.running > 0 || !entry.queue.is_empty() => {
+                // Let what is left finish without waiting, as for a stopping job.
+                entry.penalty_until = None;
+                entry.suspect_until = None;
+                entry.wake.notify_all();
+                state.retired.insert(job.to_owned());
+            }
+            Some(_) => {
+                state.jobs.remove(job);
+            }
+            None => {}
+        }
+        Self::dispatch(&mut state, Instant::now());
     }
 
     /// The time `job`'s calls have taken so far (calls running now not included).
@@ -330,6 +368,33 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         permit.finish(true);
         assert!(gate.penalty_remaining("spin") > Duration::ZERO);
+    }
+
+    #[test]
+    fn a_job_unregistered_no_longer_counts_and_is_forgotten() {
+        let gate = gate(4);
+        for job in ["a", "b", "gone"] {
+            gate.starting(job);
+            gate.enter(job).finish(false);
+        }
+        assert_eq!(gate.lock().active(), 3);
+        // Gone with nothing running: it no longer lowers the others' share, and its state goes.
+        gate.unregister("gone");
+        assert_eq!(gate.lock().active(), 2);
+        assert!(!gate.lock().jobs.contains_key("gone"));
+        assert_eq!(gate.cpu_used("gone"), Duration::ZERO);
+        // Gone while a (failing) call still runs: counted until that call ends, never penalised,
+        // then forgotten.
+        let permit = gate.enter("b");
+        gate.unregister("b");
+        assert_eq!(gate.lock().active(), 2);
+        std::thread::sleep(Duration::from_millis(5));
+        permit.finish(true);
+        assert_eq!(gate.penalty_remaining("b"), Duration::ZERO);
+        assert_eq!(gate.lock().active(), 1);
+        let state = gate.lock();
+        assert!(!state.jobs.contains_key("b") && state.retired.is_empty());
+        assert_eq!(state.registered, HashSet::from(["a".to_owned()]));
     }
 
     #[test]

@@ -7,17 +7,20 @@
 //! `kinesis_host_serve_job_errors_total`; `job.name` labels its metrics and must be unique among
 //! the jobs, as must the lease tables of their inputs.
 //!
-//! **Changes.** The folder is watched (debounced), and `SIGHUP` rescans it too. A job whose two
-//! files are unchanged (by content) keeps running untouched. A new folder starts a job; a folder
-//! removed stops its job gracefully (batches in flight finished, checkpoints written, leases
-//! released). A changed job is first validated (its properties parsed, its component loaded and
-//! type-checked); only then is the old version stopped gracefully and the new one started, which
-//! takes the released leases at once and resumes after the checkpoints, so no record is lost or
-//! processed again. Invalid files are reported (an error log line, the counter and the
-//! `invalid` state of the jobs gauge) while the previous version, if any, keeps running; they
-//! are tried again when the folder's files change, or on `SIGHUP`. A job that stops on its own
+//! **Changes.** The folder is watched (debounced: rescanned once the changed files have been quiet
+//! for [`ServeConfig::debounce`]), and `SIGHUP` rescans it too; the scan runs off the async
+//! runtime. A job whose two files are unchanged (by content; a component whose size, times and
+//! inode are unchanged since it was digested is not read again) keeps running untouched. A new
+//! folder starts a job; a folder removed stops its job gracefully (batches in flight finished,
+//! checkpoints written, leases released). A changed job is first validated (its properties parsed,
+//! its component loaded and type-checked); only then is the old version stopped gracefully and the
+//! new one started, which takes the released leases at once and resumes after the checkpoints, so
+//! no record is lost or processed again. Invalid files are reported (an error log line, the counter
+//! and the `invalid` state of the jobs gauge) while the previous version, if any, keeps running;
+//! they are tried again when the folder's files change, or on `SIGHUP`. A job that stops on its own
 //! with an error (a stream that does not exist, for example) is reported the same way and also
-//! retried on the next change or `SIGHUP`.
+//! retried on the next change or `SIGHUP`. The jobs one rescan stops are stopped together, and a
+//! job removed or ended by itself leaves the CPU gate, so it no longer lowers the others' share.
 //!
 //! **Sharing.** All jobs share one wasmtime [`Runtime`] (one engine, one epoch ticker, one
 //! compiled-code cache); jobs with `task.limits.fuel.per.batch` share a second runtime whose
@@ -25,13 +28,14 @@
 //! All jobs share one metrics endpoint and one CPU gate ([`crate::fairness`]). Everything else
 //! is the job's own: AWS clients and credentials, lease workers, task instances and limits.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use kinesis_host_runtime::{Clock, LoadError, Runtime, RuntimeConfig, SetupError, TaskComponent};
+use notify_debouncer_mini::{DebounceEventResult, DebouncedEventKind};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::config::{ConfigError, JobConfig};
@@ -161,6 +165,111 @@ pub enum JobFilesError {
     },
 }
 
+/// How long after its last change a file must have been digested for its digest to be reused
+/// while its size, times and inode stay the same: file systems with coarse timestamps could
+/// otherwise hide a write made in the same tick as the digest.
+const RACY: Duration = Duration::from_secs(2);
+
+/// The digests of the components last read, by path, so an unchanged component (by size,
+/// modification and change times, and inode) is not read and hashed again on every rescan.
+#[derive(Debug)]
+struct Digests {
+    racy: Duration,
+    entries: HashMap<PathBuf, Digested>,
+    used: HashSet<PathBuf>,
+}
+
+#[derive(Debug)]
+struct Digested {
+    stamp: Stamp,
+    digest: u64,
+    /// When the file was read (taken before reading it).
+    read_at: SystemTime,
+}
+
+/// What identifies a file's version without reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    /// The last change of the file or its metadata (ctime where there is one: `touch -d` or
+    /// `cp -p` can set the modification time back, not that).
+    changed: Option<SystemTime>,
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        #[cfg(unix)]
+        let (changed, inode) = {
+            use std::os::unix::fs::MetadataExt;
+            let changed = u64::try_from(meta.ctime())
+                .ok()
+                .zip(u32::try_from(meta.ctime_nsec()).ok())
+                .map(|(secs, nanos)| SystemTime::UNIX_EPOCH + Duration::new(secs, nanos));
+            (changed, meta.ino())
+        };
+        #[cfg(not(unix))]
+        let (changed, inode) = (meta.modified().ok(), 0);
+        Self { len: meta.len(), modified: meta.modified().ok(), changed, inode }
+    }
+}
+
+impl Default for Digests {
+    fn default() -> Self {
+        Self::new(RACY)
+    }
+}
+
+impl Digests {
+    fn new(racy: Duration) -> Self {
+        Self { racy, entries: HashMap::new(), used: HashSet::new() }
+    }
+
+    /// The digest of `path`'s contents, read only if the file may have changed since last time.
+    fn digest(&mut self, path: &Path) -> std::io::Result<u64> {
+        let stamp = Stamp::of(&std::fs::metadata(path)?);
+        self.used.insert(path.to_owned());
+        if let Some(known) = self.entries.get(path)
+            && known.stamp == stamp
+            && stamp.changed.is_some_and(|changed| changed + self.racy <= known.read_at)
+        {
+            return Ok(known.digest);
+        }
+        let read_at = SystemTime::now();
+        let mut hasher = DefaultHasher::new();
+        std::fs::read(path)?.hash(&mut hasher);
+        let digest = hasher.finish();
+        // The stamp taken before reading: a write during the read changes it, so the next scan
+        // reads the file again.
+        self.entries.insert(path.to_owned(), Digested { stamp, digest, read_at });
+        Ok(digest)
+    }
+
+    /// Forgets the files not asked for since the last call.
+    fn prune(&mut self) {
+        let used = std::mem::take(&mut self.used);
+        self.entries.retain(|path, _| used.contains(path));
+    }
+}
+
+/// What a scan of the jobs folder found: each job folder's files, or why they cannot be used.
+type Scan = BTreeMap<String, Result<JobFiles, JobFilesError>>;
+
+/// Lists the job folders and reads (or recalls) their files' digests. Blocking: run it on
+/// `spawn_blocking`.
+fn scan(dir: &Path, digests: &mut Digests) -> std::io::Result<Scan> {
+    let scan = job_folders(dir)?
+        .into_iter()
+        .map(|(folder, path)| {
+            let files = read_job_files(&folder, &path, digests);
+            (folder, files)
+        })
+        .collect();
+    digests.prune();
+    Ok(scan)
+}
+
 /// A job folder's files, read.
 #[derive(Debug)]
 struct JobFiles {
@@ -168,6 +277,22 @@ struct JobFiles {
     wasm: PathBuf,
     /// A digest of both files' contents and the component's name.
     fingerprint: u64,
+}
+
+/// The job name and lease tables a job folder's job holds.
+type Claim = (String, BTreeSet<String>);
+
+/// Reads and parses a job's settings. Blocking: run it on `spawn_blocking`.
+fn parse_job(folder: &str, properties: &Path) -> Result<(JobConfig, RunConfig), JobFilesError> {
+    let config_err =
+        |source| JobFilesError::Config { folder: folder.to_owned(), source: Box::new(source) };
+    let props = crate::config::read_properties(properties).map_err(config_err)?;
+    let job = JobConfig::from_properties(properties, &props).map_err(config_err)?;
+    let (run, warnings) = crate::samza::parse_run_config(properties, &props).map_err(config_err)?;
+    for warning in warnings {
+        tracing::warn!(folder, "{warning}");
+    }
+    Ok((job, run))
 }
 
 /// A job ready to start.
@@ -217,6 +342,7 @@ struct Supervisor {
     slots: BTreeMap<String, Slot>,
     next_generation: u64,
     ended: mpsc::UnboundedSender<Ended>,
+    digests: Digests,
 }
 
 /// Runs every job of `config.jobs_dir` until `shutdown` becomes true, then stops them all
@@ -244,10 +370,8 @@ pub async fn serve(
         let changed = changed.clone();
         let mut debouncer = notify_debouncer_mini::new_debouncer(
             config.debounce,
-            move |events: notify_debouncer_mini::DebounceEventResult| match events {
-                Ok(_) => changed.notify_one(),
-                Err(error) => {
-                    tracing::warn!(%error, "Watching the jobs folder failed; rescanning.");
+            move |events: DebounceEventResult| {
+                if quiet_again(&events) {
                     changed.notify_one();
                 }
             },
@@ -269,6 +393,7 @@ pub async fn serve(
         slots: BTreeMap::new(),
         next_generation: 0,
         ended: ended_tx,
+        digests: Digests::default(),
     };
     let gate = supervisor.gate.config();
     tracing::info!(jobs = %dir.display(), max_concurrent_calls = gate.max_concurrent_calls, penalty_factor = gate.penalty_factor, "Serving jobs.");
@@ -314,6 +439,19 @@ async fn serve_metrics(
     Ok(tokio::spawn(crate::metrics::serve(listener, handle, health)))
 }
 
+/// Whether the watcher's `events` call for a rescan: only once a changed path has been quiet
+/// for the debounce time (`Any`), never on the `AnyContinuous` events sent while writes keep
+/// coming, lest a half-written file be acted on.
+fn quiet_again(events: &DebounceEventResult) -> bool {
+    match events {
+        Ok(events) => events.iter().any(|event| event.kind == DebouncedEventKind::Any),
+        Err(error) => {
+            tracing::warn!(%error, "Watching the jobs folder failed; rescanning.");
+            true
+        }
+    }
+}
+
 /// The job folders under `dir`, by name.
 fn job_folders(dir: &Path) -> std::io::Result<BTreeMap<String, PathBuf>> {
     let mut folders = BTreeMap::new();
@@ -328,8 +466,12 @@ fn job_folders(dir: &Path) -> std::io::Result<BTreeMap<String, PathBuf>> {
     Ok(folders)
 }
 
-/// Finds a job folder's two files and digests them.
-fn read_job_files(folder: &str, path: &Path) -> Result<JobFiles, JobFilesError> {
+/// Finds a job folder's two files and digests them (the component only if it may have changed).
+fn read_job_files(
+    folder: &str,
+    path: &Path,
+    digests: &mut Digests,
+) -> Result<JobFiles, JobFilesError> {
     let read_err = |path: &Path, source| JobFilesError::Read {
         folder: folder.to_owned(),
         path: path.to_owned(),
@@ -359,7 +501,7 @@ fn read_job_files(folder: &str, path: &Path) -> Result<JobFiles, JobFilesError> 
     })?;
     let mut hasher = DefaultHasher::new();
     std::fs::read(&properties).map_err(|e| read_err(&properties, e))?.hash(&mut hasher);
-    std::fs::read(&wasm).map_err(|e| read_err(&wasm, e))?.hash(&mut hasher);
+    digests.digest(&wasm).map_err(|e| read_err(&wasm, e))?.hash(&mut hasher);
     wasm.file_name().hash(&mut hasher);
     Ok(JobFiles { properties, wasm, fingerprint: hasher.finish() })
 }
@@ -367,29 +509,63 @@ fn read_job_files(folder: &str, path: &Path) -> Result<JobFiles, JobFilesError> 
 impl Supervisor {
     /// Brings the running jobs in line with the folder. With `retry`, jobs rejected or failed
     /// before are tried again even if their files did not change.
+    ///
+    /// The jobs that must stop (removed, or replaced by a valid new version) are stopped
+    /// together, not one after the other; new jobs that share nothing with them start at once,
+    /// the others once they have stopped.
     async fn reconcile(&mut self, retry: bool) {
         let dir = self.config.jobs_dir.clone();
-        let folders = match job_folders(&dir) {
-            Ok(folders) => folders,
+        let mut digests = std::mem::take(&mut self.digests);
+        let scanned = tokio::task::spawn_blocking(move || {
+            let scan = scan(&dir, &mut digests);
+            (scan, digests)
+        })
+        .await;
+        let folders = match scanned {
+            Ok((Ok(folders), digests)) => {
+                self.digests = digests;
+                folders
+            }
+            Ok((Err(error), digests)) => {
+                self.digests = digests;
+                tracing::error!(jobs = %self.config.jobs_dir.display(), %error, "Cannot read the jobs folder; keeping the jobs as they are.");
+                return;
+            }
             Err(error) => {
-                tracing::error!(jobs = %dir.display(), %error, "Cannot read the jobs folder; keeping the jobs as they are.");
+                tracing::error!(jobs = %self.config.jobs_dir.display(), %error, "Scanning the jobs folder failed; keeping the jobs as they are.");
                 return;
             }
         };
+        let mut stopping: Vec<Running> = Vec::new();
+        // Job names the gate forgets once their jobs have stopped.
+        let mut retired: Vec<String> = Vec::new();
         let gone: Vec<String> =
             self.slots.keys().filter(|f| !folders.contains_key(*f)).cloned().collect();
         for folder in gone {
             if let Some(slot) = self.slots.remove(&folder) {
                 if let Some(running) = slot.running {
                     tracing::info!(folder, job = %running.job_name, "Job folder removed: stopping the job.");
-                    self.stop(running).await;
+                    retired.push(running.job_name.clone());
+                    stopping.push(running);
                 } else {
+                    // Never started, or ended by itself (and then unregistered from the gate).
                     tracing::info!(folder, "Job folder removed.");
                 }
             }
         }
-        for (folder, path) in folders {
-            let files = match read_job_files(&folder, &path) {
+        // The job name and lease tables each folder's job holds, or will hold once started.
+        let mut claims: BTreeMap<String, Claim> = self
+            .slots
+            .iter()
+            .filter_map(|(folder, slot)| {
+                let running = slot.running.as_ref()?;
+                Some((folder.clone(), (running.job_name.clone(), running.tables.clone())))
+            })
+            .collect();
+        let mut starts: Vec<(String, u64, Prepared)> = Vec::new();
+        let mut replaced: BTreeSet<String> = BTreeSet::new();
+        for (folder, files) in folders {
+            let files = match files {
                 Ok(files) => files,
                 Err(error) => {
                     // Files being written are often briefly incomplete: report, keep what runs.
@@ -406,18 +582,47 @@ impl Supervisor {
             if unchanged && (healthy || !retry) {
                 continue;
             }
-            match self.prepare(&folder, &files).await {
+            match self.prepare(&folder, &files, &claims).await {
                 Ok(prepared) => {
+                    claims.insert(
+                        folder.clone(),
+                        (prepared.job.job_name.clone(), prepared.tables.clone()),
+                    );
                     if let Some(running) =
                         self.slots.get_mut(&folder).and_then(|s| s.running.take())
                     {
                         tracing::info!(folder, job = %running.job_name, "Job changed: stopping the running version (checkpoint and release), then starting the new one.");
-                        self.stop(running).await;
+                        if running.job_name != prepared.job.job_name {
+                            retired.push(running.job_name.clone());
+                        }
+                        replaced.insert(folder.clone());
+                        stopping.push(running);
                     }
-                    self.start(&folder, files.fingerprint, prepared);
+                    starts.push((folder, files.fingerprint, prepared));
                 }
                 Err(error) => self.reject(&folder, files.fingerprint, &error),
             }
+        }
+        // A new version waits for its old one; a job taking a name or a lease table that a
+        // stopping job releases waits for it too.
+        let (later, now): (Vec<_>, Vec<_>) =
+            starts.into_iter().partition(|(folder, _, prepared)| {
+                replaced.contains(folder)
+                    || stopping.iter().any(|r| {
+                        r.job_name == prepared.job.job_name
+                            || !r.tables.is_disjoint(&prepared.tables)
+                    })
+            });
+        for (folder, fingerprint, prepared) in now {
+            self.start(&folder, fingerprint, prepared);
+        }
+        self.publish_counts();
+        self.stop(stopping).await;
+        for job in retired {
+            self.gate.unregister(&job);
+        }
+        for (folder, fingerprint, prepared) in later {
+            self.start(&folder, fingerprint, prepared);
         }
         self.publish_counts();
     }
@@ -446,17 +651,24 @@ impl Supervisor {
         metrics::counter!(JOB_ERRORS, "folder" => folder.to_owned()).increment(1);
     }
 
-    /// Parses and checks a job's files and loads its component.
-    async fn prepare(&self, folder: &str, files: &JobFiles) -> Result<Prepared, JobFilesError> {
-        let config_err =
-            |source| JobFilesError::Config { folder: folder.to_owned(), source: Box::new(source) };
-        let props = crate::config::read_properties(&files.properties).map_err(config_err)?;
-        let mut job = JobConfig::from_properties(&files.properties, &props).map_err(config_err)?;
-        let (run, warnings) =
-            crate::samza::parse_run_config(&files.properties, &props).map_err(config_err)?;
-        for warning in warnings {
-            tracing::warn!(folder, "{warning}");
-        }
+    /// Parses and checks a job's files (against the other folders' `claims`) and loads its
+    /// component.
+    async fn prepare(
+        &self,
+        folder: &str,
+        files: &JobFiles,
+        claims: &BTreeMap<String, Claim>,
+    ) -> Result<Prepared, JobFilesError> {
+        let properties = files.properties.clone();
+        let owned_folder = folder.to_owned();
+        let (mut job, run) =
+            tokio::task::spawn_blocking(move || parse_job(&owned_folder, &properties))
+                .await
+                .map_err(|e| JobFilesError::Read {
+                    folder: folder.to_owned(),
+                    path: files.properties.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })??;
         if job.metrics_address.take().is_some() {
             tracing::warn!(
                 folder,
@@ -465,19 +677,19 @@ impl Supervisor {
         }
         let tables: BTreeSet<String> =
             run.inputs.iter().map(|input| input.kcl.table_name.clone()).collect();
-        for (other, slot) in &self.slots {
-            let Some(running) = slot.running.as_ref().filter(|_| other != folder) else {
+        for (other, (job_name, other_tables)) in claims {
+            if other == folder {
                 continue;
-            };
+            }
             let clash = |what: String| JobFilesError::Clash {
                 folder: folder.to_owned(),
                 what,
                 other: other.clone(),
             };
-            if running.job_name == job.job_name {
+            if *job_name == job.job_name {
                 return Err(clash(format!("job.name {}", job.job_name)));
             }
-            if let Some(table) = running.tables.intersection(&tables).next() {
+            if let Some(table) = other_tables.intersection(&tables).next() {
                 return Err(clash(format!("the lease table {table}")));
             }
         }
@@ -540,30 +752,27 @@ impl Supervisor {
         );
     }
 
-    /// Stops a job gracefully and waits for it.
-    async fn stop(&self, running: Running) {
-        let _ = running.stop.send(true);
-        // A penalty must not hold up the batches in flight.
-        self.gate.stopping(&running.job_name);
-        if let Err(error) = running.handle.await {
-            tracing::error!(job = %running.job_name, %error, "The job's task panicked while stopping.");
+    /// Stops jobs gracefully, all at once, and waits for them all.
+    async fn stop(&self, running: Vec<Running>) {
+        for r in &running {
+            let _ = r.stop.send(true);
+            // A penalty must not hold up the batches in flight.
+            self.gate.stopping(&r.job_name);
         }
-        tracing::info!(job = %running.job_name, "Job stopped.");
+        // Every job was told to stop before the first is awaited: they drain side by side.
+        for r in running {
+            if let Err(error) = r.handle.await {
+                tracing::error!(job = %r.job_name, %error, "The job's task panicked while stopping.");
+            }
+            tracing::info!(job = %r.job_name, "Job stopped.");
+        }
     }
 
     /// All jobs, in parallel.
     async fn stop_all(&mut self) {
         let running: Vec<Running> =
             self.slots.values_mut().filter_map(|s| s.running.take()).collect();
-        for r in &running {
-            let _ = r.stop.send(true);
-            self.gate.stopping(&r.job_name);
-        }
-        for r in running {
-            if let Err(error) = r.handle.await {
-                tracing::error!(job = %r.job_name, %error, "The job's task panicked while stopping.");
-            }
-        }
+        self.stop(running).await;
     }
 
     /// A job's run ended without being asked to stop (asked-for stops are awaited in place).
@@ -574,6 +783,8 @@ impl Supervisor {
         }
         let running = slot.running.take();
         let job = running.map(|r| r.job_name).unwrap_or_default();
+        // It no longer shares the CPU gate's slots with the others.
+        self.gate.unregister(&job);
         match outcome {
             Ok(()) => {
                 tracing::warn!(
@@ -620,20 +831,74 @@ mod tests {
         let dir = tempfile::tempdir().expect("temporary folder");
         let job = dir.path().join("a");
         std::fs::create_dir(&job).expect("mkdir");
-        let err = read_job_files("a", &job).expect_err("empty");
+        let digests = &mut Digests::default();
+        let err = read_job_files("a", &job, digests).expect_err("empty");
         assert!(matches!(err, JobFilesError::NoProperties { .. }), "{err}");
         std::fs::write(job.join(PROPERTIES), "job.name=a\n").expect("write");
-        let err = read_job_files("a", &job).expect_err("no wasm");
+        let err = read_job_files("a", &job, digests).expect_err("no wasm");
         assert!(matches!(err, JobFilesError::Wasm { found: 0, .. }), "{err}");
         std::fs::write(job.join("one.wasm"), b"\0asm").expect("write");
         std::fs::write(job.join("two.wasm"), b"\0asm").expect("write");
-        let err = read_job_files("a", &job).expect_err("two");
+        let err = read_job_files("a", &job, digests).expect_err("two");
         assert!(err.to_string().contains("one.wasm, two.wasm"), "{err}");
         std::fs::remove_file(job.join("two.wasm")).expect("rm");
-        let first = read_job_files("a", &job).expect("valid").fingerprint;
-        assert_eq!(read_job_files("a", &job).expect("valid").fingerprint, first);
+        let first = read_job_files("a", &job, digests).expect("valid").fingerprint;
+        assert_eq!(read_job_files("a", &job, digests).expect("valid").fingerprint, first);
         std::fs::write(job.join("one.wasm"), b"\0asm\x01").expect("write");
-        assert_ne!(read_job_files("a", &job).expect("valid").fingerprint, first);
+        assert_ne!(read_job_files("a", &job, digests).expect("valid").fingerprint, first);
+    }
+
+    #[test]
+    fn an_unchanged_component_is_not_read_again_and_a_changed_one_is() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let wasm = dir.path().join("task.wasm");
+        std::fs::write(&wasm, b"\0asm-one").expect("write");
+        // With the default margin a file just written is read again each time, as a write in
+        // the same timestamp tick could hide behind an unchanged stamp.
+        let mut digests = Digests::default();
+        let first = digests.digest(&wasm).expect("digest");
+        let read_at = digests.entries[&wasm].read_at;
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(digests.digest(&wasm).expect("digest"), first);
+        assert_ne!(digests.entries[&wasm].read_at, read_at, "a fresh file is read again");
+        // Without the margin, an unchanged file's digest is reused without reading it...
+        let mut digests = Digests::new(Duration::ZERO);
+        let first = digests.digest(&wasm).expect("digest");
+        let read_at = digests.entries[&wasm].read_at;
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(digests.digest(&wasm).expect("digest"), first);
+        assert_eq!(digests.entries[&wasm].read_at, read_at, "an unchanged file is not read");
+        // ...but a rewrite of the same size is noticed, even with its modification time reset.
+        let modified = std::fs::metadata(&wasm).and_then(|m| m.modified()).expect("mtime");
+        std::fs::write(&wasm, b"\0asm-two").expect("write");
+        std::fs::File::options()
+            .write(true)
+            .open(&wasm)
+            .and_then(|f| f.set_modified(modified))
+            .expect("set mtime");
+        assert_ne!(digests.digest(&wasm).expect("digest"), first);
+        // Files no longer asked for are forgotten.
+        digests.prune();
+        assert_eq!(digests.entries.len(), 1);
+        digests.prune();
+        assert!(digests.entries.is_empty());
+    }
+
+    #[test]
+    fn only_a_quiet_folder_is_rescanned() {
+        use notify_debouncer_mini::DebouncedEvent;
+        let event = |kind| DebouncedEvent::new(PathBuf::from("jobs/a/job.properties"), kind);
+        // Writes still coming: not yet.
+        assert!(!quiet_again(&Ok(vec![event(DebouncedEventKind::AnyContinuous)])));
+        assert!(!quiet_again(&Ok(Vec::new())));
+        // A path quiet for the debounce time: rescan.
+        assert!(quiet_again(&Ok(vec![event(DebouncedEventKind::Any)])));
+        assert!(quiet_again(&Ok(vec![
+            event(DebouncedEventKind::AnyContinuous),
+            event(DebouncedEventKind::Any)
+        ])));
+        // The watcher failing: rescan, as events may have been missed.
+        assert!(quiet_again(&Err(notify_debouncer_mini::notify::Error::generic("lost"))));
     }
 
     #[test]
