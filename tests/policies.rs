@@ -320,6 +320,43 @@ fn without_a_dead_letter_output_exhausted_retries_stop_the_shard_before_the_batc
 }
 
 #[test]
+fn a_stop_ends_a_back_off_and_checkpoints_the_records_done() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("pol-backoff-in", "pol-backoff-out");
+    create_stream(&c, input, 1);
+    create_stream(&c, output, 1);
+    let mut seqs = put_numbered(&c, input, &records(&["ok-0", "ok-1"]));
+    // Retried for ever, an hour apart: only a stop that ends the back-off lets the host exit
+    // (Host::stop fails when it does not exit soon after SIGTERM).
+    let config = config(
+        dir.path(),
+        "backoff",
+        input,
+        output,
+        None,
+        "task.retry.max.attempts=-1\n\
+         task.retry.backoff.initial.ms=3600000\n\
+         task.retry.backoff.max.ms=3600000\n",
+    );
+    let log = dir.path().join("host.log");
+    let host = Host::start_with("policy-task", &config, &log, &[]);
+    wait_for_records(&c, output, 2, &log);
+    seqs.extend(put_numbered(&c, input, &records(&["fail-2", "ok-3"])));
+    wait_for_log(&log, "Batch failed; retrying.", 1);
+    let status = host.stop();
+    assert!(status.success(), "exit {status}; log:\n{}", log_text(&log));
+    let text = log_text(&log);
+    assert!(text.contains("Asked to stop during a back-off"), "log:\n{text}");
+    assert!(!text.contains("Shard stopped on this host"), "a stop is no failure; log:\n{text}");
+    // The checkpoint is after the records done, before the failing batch.
+    let table = "backoff-1-pol-backoff-in";
+    assert_eq!(checkpoints(&c, table).get("shardId-000000000000"), Some(&seqs[1]), "log:\n{text}");
+    let out: Vec<String> = read_all(&c, output).into_iter().map(|(_, d)| d).collect();
+    assert_eq!(out, ["ok-0", "ok-1"]);
+}
+
+#[test]
 fn records_past_the_max_age_are_not_retried_but_dead_lettered() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");

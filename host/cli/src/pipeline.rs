@@ -25,8 +25,9 @@
 //! `fatal`, `retries_exhausted` or `record_too_old`), through the [`metrics`] facade: no-ops
 //! unless a recorder is installed, as `run` does with `metrics.address`.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
@@ -104,6 +105,23 @@ pub struct DeadLetter {
 /// The largest Kinesis record (data and partition key), so the largest envelope.
 const MAX_KINESIS_RECORD_BYTES: usize = 1 << 20;
 
+/// The longest task message the host repeats (in a dead-letter envelope, a log line or a
+/// shard's stop reason): a task's message is a guest string of any length.
+pub const MAX_MESSAGE_BYTES: usize = 8 << 10;
+
+/// `message` cut to at most `max` bytes (at a character boundary), marked as cut with the
+/// length it had.
+pub fn cut_message(message: &str, max: usize) -> Cow<'_, str> {
+    if message.len() <= max {
+        return Cow::Borrowed(message);
+    }
+    let mut end = max;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}… (cut: {} bytes in all)", &message[..end], message.len()))
+}
+
 impl DeadLetter {
     /// The JSON envelope written to the dead-letter stream for `record`:
     ///
@@ -118,7 +136,8 @@ impl DeadLetter {
     /// when set), so `jq -c .record` turns dead letters into replay input. When the envelope
     /// would exceed a Kinesis record (1 MiB with the partition key), `data` is left out and
     /// `data_omitted` gives the data's length: the record is still in the source stream at that
-    /// position for the stream's retention period.
+    /// position for the stream's retention period. A message longer than
+    /// [`MAX_MESSAGE_BYTES`] is cut.
     pub fn envelope(&self, record: RecordRef<'_>) -> Vec<u8> {
         let mut json = self.envelope_with(record, Some(BASE64.encode(record.data)));
         if json.len() + record.partition_key.len() > MAX_KINESIS_RECORD_BYTES {
@@ -145,7 +164,10 @@ impl DeadLetter {
         }
         let envelope = serde_json::json!({
             "reason": self.reason.as_str(),
-            "error": { "kind": self.error_kind, "message": self.message },
+            "error": {
+                "kind": self.error_kind,
+                "message": cut_message(&self.message, MAX_MESSAGE_BYTES),
+            },
             "attempts": self.attempts,
             "job": self.job,
             "record": source,
@@ -217,6 +239,14 @@ pub enum ShardError {
         /// The last failure.
         source: Box<CallError>,
     },
+    /// The shard was asked to stop (a shutdown, a hand-off) before its batch was done; the
+    /// records committed before it stay committed, and the rest is delivered again to
+    /// whoever processes the shard next.
+    #[error("shard {shard_id} was asked to stop before its batch was done")]
+    Stopped {
+        /// The shard.
+        shard_id: String,
+    },
 }
 
 /// Counts of what happened on a shard.
@@ -253,17 +283,104 @@ impl Pending {
     }
 }
 
-/// Runs one shard's batches through its task instance.
-pub struct ShardWorker {
+/// What is left of a shard's batch, in shard order.
+enum Work {
+    /// Records waiting for a call.
+    Call(Pending),
+    /// A poison record (a batch of one), reported to the sink once every record before it is
+    /// committed, so the sink's done count stays a prefix of the shard.
+    Poison {
+        record: Batch,
+        /// Its dead letter, when the sink has a dead-letter output.
+        letter: Option<DeadLetter>,
+        message: String,
+    },
+}
+
+/// Asks a shard's worker to stop: a back-off ends at once, and [`ShardWorker::run`] returns
+/// [`ShardError::Stopped`] before its next call, the records done so far committed.
+#[derive(Debug, Clone, Default)]
+pub struct StopSignal(Arc<(Mutex<bool>, Condvar)>);
+
+impl StopSignal {
+    /// Asks to stop (once is enough; later calls do nothing).
+    pub fn stop(&self) {
+        let (stopped, wake) = &*self.0;
+        *stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        wake.notify_all();
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_stopped(&self) -> bool {
+        *self.0.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits `duration`, or less when a stop is asked for; returns whether one was.
+    fn wait(&self, duration: Duration) -> bool {
+        let (stopped, wake) = &*self.0;
+        let guard = stopped.lock().unwrap_or_else(PoisonError::into_inner);
+        let (guard, _) = wake
+            .wait_timeout_while(guard, duration, |stopped| !*stopped)
+            .unwrap_or_else(PoisonError::into_inner);
+        *guard
+    }
+}
+
+/// Makes a shard's `process` calls: the task's instance, created on the first call and again
+/// after one that poisoned it (a trait so the failure policy is tested without wasm).
+trait Task: Send {
+    fn process(&mut self, batch: &Batch, state: &mut ShardState) -> Result<BatchOutput, CallError>;
+    /// Drops the instance: the next call creates a new one.
+    fn reset(&mut self);
+    /// Fuel burned by the current instance (0 without one).
+    fn fuel_consumed(&self) -> u64;
+    /// Calls the instance's `shutdown`, if there is one, and drops it.
+    fn shutdown(&mut self);
+}
+
+/// The task's instance, created on demand from its component.
+struct Instance {
     component: Arc<TaskComponent>,
     spec: Arc<InstanceSpec>,
     instance: Option<TaskInstance>,
+}
+
+impl Task for Instance {
+    fn process(&mut self, batch: &Batch, state: &mut ShardState) -> Result<BatchOutput, CallError> {
+        let instance = match &mut self.instance {
+            Some(instance) => instance,
+            None => self.instance.insert(TaskInstance::new(&self.component, self.spec.clone())?),
+        };
+        instance.process(batch, state)
+    }
+
+    fn reset(&mut self) {
+        self.instance = None;
+    }
+
+    fn fuel_consumed(&self) -> u64 {
+        self.instance.as_ref().map_or(0, TaskInstance::fuel_consumed)
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(instance) = self.instance.take() {
+            instance.shutdown();
+        }
+    }
+}
+
+/// Runs one shard's batches through its task instance.
+pub struct ShardWorker {
+    task: Box<dyn Task>,
+    spec: Arc<InstanceSpec>,
     state: ShardState,
     retry: RetryPolicy,
     clock: Arc<dyn Clock>,
     stats: ShardStats,
     /// The host's CPU gate (`serve`), entered around every wasm call.
     gate: Option<Arc<CpuGate>>,
+    /// Set when the shard is asked to stop.
+    stop: Option<StopSignal>,
 }
 
 impl std::fmt::Debug for ShardWorker {
@@ -283,16 +400,36 @@ impl ShardWorker {
         retry: RetryPolicy,
         clock: Arc<dyn Clock>,
     ) -> Self {
+        let task = Box::new(Instance { component, spec: spec.clone(), instance: None });
+        Self::with_task(task, spec, retry, clock)
+    }
+
+    fn with_task(
+        task: Box<dyn Task>,
+        spec: Arc<InstanceSpec>,
+        retry: RetryPolicy,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Self {
-            component,
+            task,
             spec,
-            instance: None,
             state: ShardState::default(),
             retry,
             clock,
             stats: ShardStats::default(),
             gate: None,
+            stop: None,
         }
+    }
+
+    /// Stops [`ShardWorker::run`] early, with what is committed so far, when `stop` is asked
+    /// to: a back-off waits for it rather than the clock.
+    pub fn set_stop(&mut self, stop: StopSignal) {
+        self.stop = Some(stop);
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.as_ref().is_some_and(StopSignal::is_stopped)
     }
 
     /// Runs every wasm call (instantiation and `process`) through `gate` (see
@@ -332,21 +469,34 @@ impl ShardWorker {
     /// committed before that stay committed.
     pub fn run(&mut self, batch: Batch, sink: &mut dyn Sink) -> Result<(), ShardError> {
         let shard_id = self.spec.shard_id.clone();
-        let mut work = VecDeque::from([Pending::fresh(batch)]);
-        while let Some(Pending { batch: pending, failures, earlier }) = work.pop_front() {
+        let mut work = VecDeque::from([Work::Call(Pending::fresh(batch))]);
+        while let Some(next) = work.pop_front() {
+            let Pending { batch: pending, failures, earlier } = match next {
+                Work::Call(pending) => pending,
+                Work::Poison { record, letter, message } => {
+                    // Every record before it is committed: it may count as done now.
+                    if let Some(record) = record.get(0) {
+                        match &letter {
+                            Some(letter) => {
+                                sink.dead_letter(record, letter);
+                                self.stats.dead_letters += 1;
+                            }
+                            None => sink.poison(&shard_id, record, &message),
+                        }
+                    }
+                    continue;
+                }
+            };
             if pending.is_empty() {
                 continue;
             }
+            if self.stop_requested() {
+                return Err(ShardError::Stopped { shard_id });
+            }
             let gate = self.gate.clone();
             let permit = gate.as_ref().map(|g| g.enter(&self.spec.job));
-            let fuel_before = self.instance.as_ref().map_or(0, TaskInstance::fuel_consumed);
-            let result = match self.ensure_instance() {
-                Ok(()) => match self.instance.as_mut() {
-                    Some(instance) => instance.process(&pending, &mut self.state),
-                    None => Err(CallError::Poisoned { shard_id: shard_id.clone() }),
-                },
-                Err(e) => Err(e),
-            };
+            let fuel_before = self.task.fuel_consumed();
+            let result = self.task.process(&pending, &mut self.state);
             self.after_call(permit, fuel_before, result.is_err());
             let error = match result {
                 Ok(output) => {
@@ -363,7 +513,7 @@ impl ShardWorker {
                     sink.commit(&pending.slice(0..processed), output);
                     let rest = pending.slice(processed..pending.len());
                     if processed > 0 {
-                        work.push_front(Pending::fresh(rest));
+                        work.push_front(Work::Call(Pending::fresh(rest)));
                         continue;
                     }
                     self.count_error("no_progress");
@@ -396,15 +546,9 @@ impl ShardWorker {
                     ..
                 } if (*index as usize) < pending.len() => {
                     let index = *index as usize;
+                    let message = cut_message(message, self.message_bytes());
                     if let Some(record) = pending.get(index) {
                         tracing::warn!(shard = %shard_id, sequence_number = record.sequence_number, sub_sequence_number = record.sub_sequence_number, error = %message, dead_letter = sink.has_dead_letter(), "Poison record set aside.");
-                        if sink.has_dead_letter() {
-                            let letter = self.letter(GiveUp::PoisonRecord, kind, &error, 1);
-                            sink.dead_letter(record, &letter);
-                            self.stats.dead_letters += 1;
-                        } else {
-                            sink.poison(&shard_id, record, message);
-                        }
                     }
                     self.stats.poison_records += 1;
                     metrics::counter!(
@@ -413,9 +557,20 @@ impl ShardWorker {
                         "stream" => self.spec.stream.clone(),
                     )
                     .increment(1);
-                    // The records before it are delivered again: their emits were discarded.
-                    work.push_front(Pending::fresh(pending.slice(index + 1..pending.len())));
-                    work.push_front(Pending::fresh(pending.slice(0..index)));
+                    // The records before it are delivered again (their emits were discarded),
+                    // and it counts as done only once they are committed.
+                    let letter = sink
+                        .has_dead_letter()
+                        .then(|| self.letter(GiveUp::PoisonRecord, kind, &error, 1));
+                    work.push_front(Work::Call(Pending::fresh(
+                        pending.slice(index + 1..pending.len()),
+                    )));
+                    work.push_front(Work::Poison {
+                        record: pending.slice(index..index + 1),
+                        letter,
+                        message: message.into_owned(),
+                    });
+                    work.push_front(Work::Call(Pending::fresh(pending.slice(0..index))));
                 }
                 CallError::Task {
                     kind: TaskErrorKind::Fatal | TaskErrorKind::PoisonRecord,
@@ -428,7 +583,7 @@ impl ShardWorker {
                 _ => {
                     if error.poisons_instance() {
                         self.stats.traps += 1;
-                        self.instance = None;
+                        self.task.reset();
                     }
                     let failed = Pending { batch: pending, failures: failures + 1, earlier };
                     self.failed(failed, kind, error, sink, &mut work)?;
@@ -447,7 +602,7 @@ impl ShardWorker {
         kind: &'static str,
         error: CallError,
         sink: &mut dyn Sink,
-        work: &mut VecDeque<Pending>,
+        work: &mut VecDeque<Work>,
     ) -> Result<(), ShardError> {
         let Pending { batch, failures, earlier } = failed;
         let shard_id = self.spec.shard_id.clone();
@@ -478,9 +633,10 @@ impl ShardWorker {
         }
         if self.retry.bisect && batch.len() > 1 {
             let (first, second) = halves(batch.len());
-            self.retry_after(&shard_id, 1, batch.len(), &error);
-            work.push_front(Pending { batch: batch.slice(second), failures: 0, earlier: attempts });
-            work.push_front(Pending { batch: batch.slice(first), failures: 0, earlier: attempts });
+            self.retry_after(&shard_id, 1, batch.len(), &error)?;
+            let (first, second) = (batch.slice(first), batch.slice(second));
+            work.push_front(Work::Call(Pending { batch: second, failures: 0, earlier: attempts }));
+            work.push_front(Work::Call(Pending { batch: first, failures: 0, earlier: attempts }));
             return Ok(());
         }
         if self.retry.exhausted(failures) {
@@ -496,19 +652,47 @@ impl ShardWorker {
             self.give_up(&batch, &letter, sink);
             return Ok(());
         }
-        self.retry_after(&shard_id, failures, batch.len(), &error);
-        work.push_front(Pending { batch, failures, earlier });
+        self.retry_after(&shard_id, failures, batch.len(), &error)?;
+        work.push_front(Work::Call(Pending { batch, failures, earlier }));
         Ok(())
     }
 
     /// Counts a retry and sleeps the back-off after `failures` failures in a row.
-    fn retry_after(&mut self, shard_id: &str, failures: u32, records: usize, error: &CallError) {
+    ///
+    /// # Errors
+    /// [`ShardError::Stopped`] when the shard is asked to stop during the back-off.
+    fn retry_after(
+        &mut self,
+        shard_id: &str,
+        failures: u32,
+        records: usize,
+        error: &CallError,
+    ) -> Result<(), ShardError> {
         self.stats.retries += 1;
         self.count_retry();
         let backoff = self.retry.backoff(failures);
         let bisect = self.retry.bisect && records > 1;
+        let error = error.to_string();
+        let error = cut_message(&error, self.message_bytes());
         tracing::warn!(shard = %shard_id, attempt = failures, records, bisect, backoff_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX), %error, "Batch failed; retrying.");
-        self.clock.sleep(backoff);
+        let stopped = match &self.stop {
+            Some(stop) => stop.wait(backoff),
+            None => {
+                self.clock.sleep(backoff);
+                false
+            }
+        };
+        if stopped {
+            tracing::info!(shard = %shard_id, "Asked to stop during a back-off: stopping with the records done so far.");
+            return Err(ShardError::Stopped { shard_id: shard_id.to_owned() });
+        }
+        Ok(())
+    }
+
+    /// The longest task message this shard repeats: `task.limits.log.line.bytes`, at most
+    /// [`MAX_MESSAGE_BYTES`].
+    fn message_bytes(&self) -> usize {
+        self.spec.limits.log_line_bytes.min(MAX_MESSAGE_BYTES)
     }
 
     /// Sends every record of `batch` to the sink's dead-letter output.
@@ -534,8 +718,10 @@ impl ShardWorker {
             error_kind,
             // The task's own words when it returned an error; else the host's description.
             message: match error {
-                CallError::Task { message, .. } => message.clone(),
-                other => other.to_string(),
+                CallError::Task { message, .. } => {
+                    cut_message(message, self.message_bytes()).into_owned()
+                }
+                other => cut_message(&other.to_string(), self.message_bytes()).into_owned(),
             },
             attempts,
             job: self.spec.job.clone(),
@@ -546,9 +732,7 @@ impl ShardWorker {
 
     /// Calls the task's `shutdown` and drops the instance.
     pub fn shutdown(mut self) -> ShardState {
-        if let Some(instance) = self.instance.take() {
-            instance.shutdown();
-        }
+        self.task.shutdown();
         self.state
     }
 
@@ -563,20 +747,11 @@ impl ShardWorker {
         if let Some(permit) = permit {
             permit.finish(failed);
         }
-        if self.spec.limits.fuel_per_batch.is_some()
-            && let Some(instance) = &self.instance
-        {
-            let burned = instance.fuel_consumed().saturating_sub(fuel_before);
+        if self.spec.limits.fuel_per_batch.is_some() {
+            let burned = self.task.fuel_consumed().saturating_sub(fuel_before);
             metrics::counter!("kinesis_host_task_fuel_consumed_total", "job" => self.spec.job.clone())
                 .increment(burned);
         }
-    }
-
-    fn ensure_instance(&mut self) -> Result<(), CallError> {
-        if self.instance.is_none() {
-            self.instance = Some(TaskInstance::new(&self.component, self.spec.clone())?);
-        }
-        Ok(())
     }
 
     /// Counts a failed `process` call (`kinesis_host_task_errors_total`).
@@ -774,5 +949,227 @@ mod tests {
         let five = RetryPolicy::default();
         assert!(!five.exhausted(4));
         assert!(five.exhausted(5));
+    }
+
+    /// A fake task: a batch with a record whose data starts with `poison` fails on it as a
+    /// poison record (checked first, as a task validating its batch would); else the first
+    /// record starting with `fatal` fails the call as fatal, and one starting with `fail`
+    /// fails it as retryable, or finishes the records before it when there are some.
+    struct Fake {
+        /// The sequence numbers of every call, in order.
+        calls: std::sync::mpsc::Sender<Vec<String>>,
+        /// The message of its errors.
+        message: String,
+    }
+
+    impl Task for Fake {
+        fn process(
+            &mut self,
+            batch: &Batch,
+            _state: &mut ShardState,
+        ) -> Result<BatchOutput, CallError> {
+            let _ = self.calls.send(batch.iter().map(|r| r.sequence_number.to_owned()).collect());
+            let error = |kind, record_index| CallError::Task {
+                shard_id: "shardId-000000000000".into(),
+                kind,
+                record_index,
+                message: self.message.clone(),
+            };
+            let records: Vec<&[u8]> = batch.iter().map(|r| r.data).collect();
+            if let Some(i) = records.iter().position(|d| d.starts_with(b"poison")) {
+                return Err(error(TaskErrorKind::PoisonRecord, Some(i as u32)));
+            }
+            for (i, data) in records.iter().enumerate() {
+                if data.starts_with(b"fatal") {
+                    return Err(error(TaskErrorKind::Fatal, None));
+                }
+                if data.starts_with(b"fail") {
+                    if i == 0 {
+                        return Err(error(TaskErrorKind::Retryable, None));
+                    }
+                    return Ok(BatchOutput { processed: i, ..BatchOutput::default() });
+                }
+            }
+            Ok(BatchOutput { processed: batch.len(), ..BatchOutput::default() })
+        }
+
+        fn reset(&mut self) {}
+
+        fn fuel_consumed(&self) -> u64 {
+            0
+        }
+
+        fn shutdown(&mut self) {}
+    }
+
+    /// A sink that counts done records as `run.rs`'s does and logs what it was told.
+    #[derive(Default)]
+    struct Log {
+        dead_letter: bool,
+        done: usize,
+        events: Vec<String>,
+        letters: Vec<DeadLetter>,
+    }
+
+    impl Sink for Log {
+        fn commit(&mut self, batch: &Batch, _output: BatchOutput) {
+            self.done += batch.len();
+            let seqs: Vec<&str> = batch.iter().map(|r| r.sequence_number).collect();
+            self.events.push(format!("commit {}", seqs.join(",")));
+        }
+
+        fn poison(&mut self, _shard_id: &str, record: RecordRef<'_>, _message: &str) {
+            self.done += 1;
+            self.events.push(format!("poison {}", record.sequence_number));
+        }
+
+        fn has_dead_letter(&self) -> bool {
+            self.dead_letter
+        }
+
+        fn dead_letter(&mut self, record: RecordRef<'_>, letter: &DeadLetter) {
+            self.done += 1;
+            self.events.push(format!("dead letter {}", record.sequence_number));
+            self.letters.push(letter.clone());
+        }
+    }
+
+    fn worker(
+        retry: RetryPolicy,
+        message: &str,
+    ) -> (ShardWorker, std::sync::mpsc::Receiver<Vec<String>>) {
+        let (calls, seen) = std::sync::mpsc::channel();
+        let spec = Arc::new(InstanceSpec {
+            job: "j".into(),
+            stream: "s".into(),
+            shard_id: "shardId-000000000000".into(),
+            outputs: kinesis_host_runtime::Outputs::Any,
+            config: Vec::new(),
+            limits: kinesis_host_runtime::Limits::default(),
+        });
+        let task = Box::new(Fake { calls, message: message.into() });
+        let clock: Arc<dyn Clock> = Arc::new(kinesis_host_runtime::SystemClock);
+        (ShardWorker::with_task(task, spec, retry, clock), seen)
+    }
+
+    /// Records with sequence numbers 100, 101, … and the given data.
+    fn batch_of(data: &[&str]) -> Batch {
+        let seqs: Vec<String> = (0..data.len()).map(|i| format!("{}", 100 + i)).collect();
+        let mut b = Batch::new("s", "shardId-000000000000", 100, 1 << 20);
+        for (seq, data) in seqs.iter().zip(data) {
+            assert!(b.push(&record(seq, 0, data.as_bytes())));
+        }
+        b
+    }
+
+    #[test]
+    fn a_poison_record_is_done_only_after_the_records_before_it() {
+        for dead_letter in [false, true] {
+            let (mut w, _calls) = worker(RetryPolicy::default(), "bad");
+            let mut sink = Log { dead_letter, ..Log::default() };
+            assert!(w.run(batch_of(&["a", "b", "poison", "c"]), &mut sink).is_ok());
+            let set_aside = if dead_letter { "dead letter 102" } else { "poison 102" };
+            assert_eq!(sink.events, ["commit 100,101", set_aside, "commit 103"]);
+            assert_eq!(sink.done, 4);
+
+            // The records before the poison record then fail for good: none is done, so the
+            // checkpoint stays before them all (the poison record comes again with them).
+            let (mut w, _calls) = worker(RetryPolicy::default(), "bad");
+            let mut sink = Log { dead_letter, ..Log::default() };
+            let result = w.run(batch_of(&["a", "fatal", "poison"]), &mut sink);
+            assert!(matches!(result, Err(ShardError::Fatal { .. })), "{result:?}");
+            assert_eq!(sink.done, 0, "{:?}", sink.events);
+            assert!(sink.events.is_empty(), "{:?}", sink.events);
+        }
+    }
+
+    #[test]
+    fn a_poison_record_waits_for_the_records_retried_before_it() {
+        // Without a dead-letter output, records that fail until the attempts run out stop the
+        // shard: the poison record after them is not done either.
+        let retry = RetryPolicy {
+            max_attempts: Some(2),
+            initial_backoff: Duration::ZERO,
+            max_backoff: Duration::ZERO,
+            ..RetryPolicy::default()
+        };
+        let (mut w, _calls) = worker(retry, "bad");
+        let mut sink = Log::default();
+        let result = w.run(batch_of(&["a", "fail", "poison"]), &mut sink);
+        assert!(matches!(result, Err(ShardError::RetriesExhausted { .. })), "{result:?}");
+        assert_eq!(sink.events, ["commit 100"]);
+        assert_eq!(sink.done, 1);
+    }
+
+    #[test]
+    fn a_long_task_message_is_cut_in_dead_letters() -> Result<(), serde_json::Error> {
+        let long = "é".repeat(1 << 20);
+        let (mut w, _calls) = worker(RetryPolicy::default(), &long);
+        let mut sink = Log { dead_letter: true, ..Log::default() };
+        assert!(w.run(batch_of(&["poison"]), &mut sink).is_ok());
+        let [letter] = sink.letters.as_slice() else { panic!("{:?}", sink.events) };
+        let limit = kinesis_host_runtime::Limits::default().log_line_bytes;
+        assert!(letter.message.len() < limit + 64, "{}", letter.message.len());
+        assert!(letter.message.starts_with("éé"));
+        assert!(
+            letter.message.ends_with("(cut: 2097152 bytes in all)"),
+            "{}",
+            &letter.message[limit - 8..]
+        );
+
+        // Even a letter built with a long message makes an envelope Kinesis takes.
+        let letter = DeadLetter { message: long.clone(), ..letter.clone() };
+        let envelope = letter.envelope(record("1", 0, b"x"));
+        assert!(envelope.len() < MAX_MESSAGE_BYTES + 1024, "{}", envelope.len());
+        let v: serde_json::Value = serde_json::from_slice(&envelope)?;
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.ends_with("(cut: 2097152 bytes in all)"));
+        assert_eq!(v["record"]["data"], "eA==");
+        Ok(())
+    }
+
+    #[test]
+    fn messages_are_cut_at_a_character_boundary() {
+        assert_eq!(cut_message("short", 5), "short");
+        // "é" is 2 bytes: 3 bytes of "aéé" end inside the second one.
+        assert_eq!(cut_message("aéé", 4), "aé… (cut: 5 bytes in all)");
+        assert_eq!(cut_message("aéé", 3), "aé… (cut: 5 bytes in all)");
+        assert_eq!(cut_message("aéé", 2), "a… (cut: 5 bytes in all)");
+    }
+
+    #[test]
+    fn a_stop_ends_a_back_off_with_the_records_done() {
+        // Retried for ever, an hour apart: only the stop ends it.
+        let retry = RetryPolicy {
+            max_attempts: None,
+            initial_backoff: Duration::from_secs(3600),
+            max_backoff: Duration::from_secs(3600),
+            ..RetryPolicy::default()
+        };
+        let (mut w, calls) = worker(retry, "down");
+        let stop = StopSignal::default();
+        w.set_stop(stop.clone());
+        let (done, result) = std::sync::mpsc::channel();
+        let running = std::thread::spawn(move || {
+            let mut sink = Log::default();
+            let outcome = w.run(batch_of(&["a", "b", "fail", "c"]), &mut sink);
+            let _ = done.send((outcome, sink.done, sink.events));
+        });
+        // The first call finishes two records; the second fails and backs off.
+        assert_eq!(
+            calls.recv().ok(),
+            Some(vec!["100".into(), "101".into(), "102".into(), "103".into()])
+        );
+        assert_eq!(calls.recv().ok(), Some(vec!["102".into(), "103".into()]));
+        stop.stop();
+        // A guard against a hang, not a timing assertion: the back-off is an hour.
+        let (outcome, done, events) =
+            result.recv_timeout(Duration::from_secs(600)).expect("run returns once stopped");
+        assert!(matches!(outcome, Err(ShardError::Stopped { .. })), "{outcome:?}");
+        assert_eq!(done, 2);
+        assert_eq!(events, ["commit 100,101"]);
+        assert!(running.join().is_ok());
+        // No call after the stop.
+        assert!(calls.try_recv().is_err());
     }
 }

@@ -26,7 +26,9 @@ use crate::metrics::{
     BATCH_LATENCY, BYTES_PROCESSED, DEAD_LETTER_RECORDS, Health, MILLIS_BEHIND_LATEST,
     RECORDS_PROCESSED,
 };
-use crate::pipeline::{DeadLetter, GiveUp, ShardWorker, Sink};
+use crate::pipeline::{
+    DeadLetter, GiveUp, MAX_MESSAGE_BYTES, ShardError, ShardWorker, Sink, StopSignal, cut_message,
+};
 use crate::samza::{AwsSettings, BillingMode, InitialPosition, InputStream, Retrieval, RunConfig};
 
 /// Converts the job's AWS settings for the coordinator.
@@ -173,9 +175,15 @@ impl ProcessorFactory for TaskProcessors {
             shard_id: shard_id.to_owned(),
             metrics: ProcessorMetrics::new(&self.job.job_name, stream, shard_id),
             state_changes: Vec::new(),
+            stop: StopSignal::default(),
+            stop_watch: None,
         };
-        if let Some(gate) = &self.gate {
-            processor.worker.lock().unwrap_or_else(PoisonError::into_inner).set_gate(gate.clone());
+        {
+            let mut worker = processor.worker.lock().unwrap_or_else(PoisonError::into_inner);
+            worker.set_stop(processor.stop.clone());
+            if let Some(gate) = &self.gate {
+                worker.set_gate(gate.clone());
+            }
         }
         processor
     }
@@ -217,6 +225,10 @@ pub struct TaskProcessor {
     metrics: ProcessorMetrics,
     /// State changes of the records the last `process` reported done.
     state_changes: Vec<StateChange>,
+    /// Told to the worker when the shard is asked to stop, so a back-off ends at once.
+    stop: StopSignal,
+    /// The worker's stop request (see [`ShardProcessor::watch_stop`]).
+    stop_watch: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl std::fmt::Debug for TaskProcessor {
@@ -303,7 +315,7 @@ impl ShardProcessor for TaskProcessor {
         let all = records.clone();
         let dead_letter = self.job.dead_letter_output.clone();
         // The task runs on a blocking thread, so a slow task never stalls lease renewal.
-        let (collected, failure) = tokio::task::spawn_blocking(move || {
+        let mut task = tokio::task::spawn_blocking(move || {
             let mut worker = worker.lock().unwrap_or_else(PoisonError::into_inner);
             let mut sink = Collect { dead_letter, ..Collect::default() };
             let mut batch = Batch::new(&stream, &shard_id, limits.max_records, limits.max_bytes);
@@ -327,7 +339,7 @@ impl ShardProcessor for TaskProcessor {
                     );
                     std::mem::swap(&mut batch, &mut full);
                     if let Err(e) = timed(&mut worker, full, &mut sink) {
-                        failure = Some(e.to_string());
+                        failure = Some(e);
                         break;
                     }
                     batch.push(&record);
@@ -337,12 +349,24 @@ impl ShardProcessor for TaskProcessor {
                 && !batch.is_empty()
                 && let Err(e) = timed(&mut worker, batch, &mut sink)
             {
-                failure = Some(e.to_string());
+                failure = Some(e);
             }
             (sink, failure)
-        })
-        .await
-        .map_err(|e| ProcessorError {
+        });
+        // Asked to stop while the task runs: tell the worker, so a back-off ends at once.
+        let joined = match self.stop_watch.clone() {
+            Some(mut watch) => {
+                tokio::select! {
+                    joined = &mut task => joined,
+                    _ = async { watch.wait_for(|stop| *stop).await.map(|_| ()) } => {
+                        self.stop.stop();
+                        task.await
+                    }
+                }
+            }
+            None => task.await,
+        };
+        let (collected, failure) = joined.map_err(|e| ProcessorError {
             done: 0,
             message: format!("the task's thread failed: {e}"),
         })?;
@@ -383,9 +407,18 @@ impl ShardProcessor for TaskProcessor {
         self.metrics.records.increment(done.len() as u64);
         self.metrics.bytes.increment(done.iter().map(|r| r.data.len() as u64).sum());
         match failure {
-            Some(message) => Err(ProcessorError { done: collected.done, message }),
-            None => Ok(collected.done),
+            // Cut short by a stop: the worker checkpoints the done records and stops.
+            Some(ShardError::Stopped { .. }) | None => Ok(collected.done),
+            Some(error) => Err(ProcessorError {
+                done: collected.done,
+                // The task's message may be of any length.
+                message: cut_message(&error.to_string(), MAX_MESSAGE_BYTES).into_owned(),
+            }),
         }
+    }
+
+    fn watch_stop(&mut self, stop: tokio::sync::watch::Receiver<bool>) {
+        self.stop_watch = Some(stop);
     }
 
     fn restore_state(&mut self, state: &StateMap) {

@@ -72,6 +72,14 @@ pub trait ShardProcessor: Send + 'static {
     fn take_state_changes(&mut self) -> Vec<StateChange> {
         Vec::new()
     }
+
+    /// Called once before the first `process`: `stop` turns true when the shard is asked to
+    /// stop on this host (shutdown, hand-off). A processor that watches it may end a `process`
+    /// call early, returning fewer than all records as done: the worker then checkpoints after
+    /// them and stops the shard without counting a failure.
+    fn watch_stop(&mut self, stop: watch::Receiver<bool>) {
+        let _ = stop;
+    }
 }
 
 /// Creates processors.
@@ -901,6 +909,7 @@ async fn consume<P: ShardProcessor>(
     };
     let mut task_state = restore_state(table, &taken).await?;
     processor.restore_state(&task_state.map);
+    processor.watch_stop(stop.clone());
     // Leases written by KCL 1.x carry no hash range: take it from the stream (KCL back-fills
     // it the same way), since the de-aggregation filter needs it after resharding.
     let range = match range {
@@ -975,17 +984,20 @@ async fn consume<P: ShardProcessor>(
         if !records.is_empty() || config.call_process_records_even_for_empty_list {
             let count = records.len();
             let records = Arc::new(records);
-            let (processed, failure) =
+            let (processed, failure, stopping) =
                 match processor.process(records.clone(), fetch.millis_behind_latest).await {
-                    Ok(processed) if processed >= count => (count, None),
+                    Ok(processed) if processed >= count => (count, None, false),
+                    // Cut short by a stop: not a failure of the shard.
+                    Ok(processed) if *stop.borrow() => (processed, None, true),
                     Ok(processed) => (
                         processed,
                         Some(ProcessorError {
                             done: processed,
                             message: format!("the task finished {processed} of {count} records"),
                         }),
+                        false,
                     ),
-                    Err(e) => (e.done.min(count), Some(e)),
+                    Err(e) => (e.done.min(count), Some(e), false),
                 };
             let changes = processor.take_state_changes();
             if !changes.is_empty() {
@@ -1003,6 +1015,13 @@ async fn consume<P: ShardProcessor>(
                     return Ok(Ended::Lost);
                 }
                 return Err(failure.into());
+            }
+            if stopping {
+                tracing::info!(shard = %key, done = processed, records = count, "Asked to stop in the middle of a batch: checkpointing the records done.");
+                if dirty && !checkpoint(table, held, done.clone(), config, &mut task_state).await? {
+                    return Ok(Ended::Lost);
+                }
+                return Ok(Ended::Stopped);
             }
         }
         if let Some(children) = fetch.shard_end {
