@@ -7,6 +7,7 @@
 pub mod aws;
 pub mod checkpoint;
 pub mod kpl;
+pub mod lean_decode;
 pub mod lease;
 pub mod output;
 pub mod reader;

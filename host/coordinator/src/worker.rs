@@ -689,14 +689,15 @@ async fn consume<P: ShardProcessor>(
         }
         let fetch = reader.fetch().await?;
         let fetched = !fetch.records.is_empty();
-        let mut records = Vec::new();
+        let mut records = Vec::with_capacity(fetch.records.len());
         for record in fetch.records {
             let arrival_millis = record
                 .approximate_arrival_timestamp()
                 .and_then(|t| u64::try_from(t.to_millis().ok()?).ok())
                 .unwrap_or(0);
-            let sequence_number = record.sequence_number().to_owned();
-            let partition_key = record.partition_key().unwrap_or_default().to_owned();
+            // Moved out of the record, not copied.
+            let mut sequence_number = record.sequence_number;
+            let partition_key = record.partition_key.unwrap_or_default();
             let user = kpl::deaggregate(
                 kpl::KinesisRecord {
                     // Owned: the user records are slices of it, not copies.
@@ -709,10 +710,16 @@ async fn consume<P: ShardProcessor>(
             if user.dropped_by_hash_range > 0 {
                 tracing::debug!(shard = %key, sequence_number, dropped = user.dropped_by_hash_range, "Dropped a KPL aggregate whose records belong to another shard (a resharding duplicate).");
             }
-            for u in user.records {
+            let mut users = user.records.into_iter().peekable();
+            while let Some(u) = users.next() {
                 if done.is_before(&sequence_number, u.sub_sequence_number) {
                     records.push(ShardRecord {
-                        sequence_number: sequence_number.clone(),
+                        // The last (usually the only) user record takes the string itself.
+                        sequence_number: if users.peek().is_some() {
+                            sequence_number.clone()
+                        } else {
+                            std::mem::take(&mut sequence_number)
+                        },
                         sub_sequence_number: u.sub_sequence_number,
                         partition_key: u.partition_key,
                         explicit_hash_key: u.explicit_hash_key,
