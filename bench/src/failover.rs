@@ -202,8 +202,10 @@ pub(crate) fn build(root: &Path, target: &Path, guest: &str) -> Result<(PathBuf,
         }
     }
     let host = target.join("release").join("kinesis-host");
-    let guest =
-        target.join("wasm32-wasip2").join("guest").join(format!("{}.wasm", guest.replace('-', "_")));
+    let guest = target
+        .join("wasm32-wasip2")
+        .join("guest")
+        .join(format!("{}.wasm", guest.replace('-', "_")));
     for path in [&host, &guest] {
         if !path.is_file() {
             bail!("the build succeeded but {} is missing", path.display());

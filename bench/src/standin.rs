@@ -135,7 +135,11 @@ impl StandIn {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
                         let (bodies, stats) = (bodies.clone(), stats.clone());
-                        async move { Ok::<_, std::convert::Infallible>(answer(&bodies, &stats, request).await) }
+                        async move {
+                            Ok::<_, std::convert::Infallible>(
+                                answer(&bodies, &stats, request).await,
+                            )
+                        }
                     });
                     let connection = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
@@ -158,7 +162,8 @@ impl Drop for StandIn {
 impl Bodies {
     fn new(shape: Shape) -> Self {
         let mut rng = XorShift::new(0x5354_414E_4449_4E00 ^ shape.record_size as u64);
-        let mut head = Vec::with_capacity(shape.records_per_call * (shape.record_size * 4 / 3 + 160));
+        let mut head =
+            Vec::with_capacity(shape.records_per_call * (shape.record_size * 4 / 3 + 160));
         let mut patch_offsets = Vec::with_capacity(shape.records_per_call);
         let mut data = vec![0u8; shape.record_size];
         head.extend_from_slice(b"{\"Records\":[");
@@ -174,8 +179,11 @@ impl Bodies {
             let encoded = base64::engine::general_purpose::STANDARD.encode(&data);
             head.extend_from_slice(encoded.as_bytes());
             head.extend_from_slice(
-                format!("\",\"PartitionKey\":\"pk-{:08x}\",\"SequenceNumber\":\"", rng.next_u64() as u32)
-                    .as_bytes(),
+                format!(
+                    "\",\"PartitionKey\":\"pk-{:08x}\",\"SequenceNumber\":\"",
+                    rng.next_u64() as u32
+                )
+                .as_bytes(),
             );
             patch_offsets.push(head.len() + PATCH_AT);
             let sequence = format!("49{:0w$}{i:08}", 0, w = PATCH_LEN);
@@ -250,8 +258,12 @@ fn json(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert("content-type", hyper::header::HeaderValue::from_static("application/x-amz-json-1.1"));
-    headers.insert("x-amzn-requestid", hyper::header::HeaderValue::from_static("b3c5a0e2-stand-in"));
+    headers.insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/x-amz-json-1.1"),
+    );
+    headers
+        .insert("x-amzn-requestid", hyper::header::HeaderValue::from_static("b3c5a0e2-stand-in"));
     response
 }
 
@@ -262,7 +274,11 @@ fn error(kind: &str, message: &str) -> Response<Full<Bytes>> {
     )
 }
 
-async fn answer(bodies: &Bodies, stats: &Stats, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn answer(
+    bodies: &Bodies,
+    stats: &Stats,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let target = request
         .headers()
         .get("x-amz-target")

@@ -104,7 +104,11 @@ pub fn run(args: &SuiteArgs) -> Result<()> {
     let _ = std::fs::remove_dir_all(&out_dir);
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
-    let (host_binary, guest) = failover::build(&root, &target, "bench-count")?;
+    let (built, guest) = failover::build(&root, &target, "bench-count")?;
+    // A private copy: other worktrees sharing the target directory may rebuild the binary.
+    let host_binary = out_dir.join("kinesis-host");
+    std::fs::copy(&built, &host_binary)
+        .with_context(|| format!("cannot copy {} to {}", built.display(), host_binary.display()))?;
     let emulators = Emulators::start(&root, &target.join("bench").join("suite-emulators"))?;
     let suite = Suite {
         plan: plan.clone(),
@@ -139,7 +143,8 @@ pub fn run(args: &SuiteArgs) -> Result<()> {
             min_ms: if args.quick { 100 } else { 200 },
             check: false,
         })?;
-        let _ = writeln!(report, "## 4. Boundary (`boundary` subcommand)\n\n```\n{}```\n", boundary);
+        let _ =
+            writeln!(report, "## 4. Boundary (`boundary` subcommand)\n\n```\n{}```\n", boundary);
     }
     let _ = writeln!(
         report,
@@ -159,13 +164,17 @@ fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
-        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown CPU".to_owned());
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let mem_gib = meminfo
         .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok())
+        .find_map(|l| {
+            l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok()
+        })
         .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
     let commit = Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
@@ -205,7 +214,9 @@ fn memory(pid: u32) -> (u64, u64) {
     let kb = |key: &str| {
         status
             .lines()
-            .find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+            .find_map(|l| {
+                l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()
+            })
             .unwrap_or(0)
             * 1024
     };
@@ -473,14 +484,21 @@ fn render_throughput(plan: &Plan, rows: &[ThroughputRow]) -> String {
         let f = row.floor;
         let per_shard = match (h, one) {
             (Some(h), Some(one)) if row.shards > 1 => {
-                format!("{:.2} MiB", (h.rss as f64 - one as f64) / (row.shards - 1) as f64 / (1 << 20) as f64)
+                format!(
+                    "{:.2} MiB",
+                    (h.rss as f64 - one as f64) / (row.shards - 1) as f64 / (1 << 20) as f64
+                )
             }
             _ => "—".to_owned(),
         };
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            if row.size >= 1024 { format!("{} KiB", row.size / 1024) } else { format!("{} B", row.size) },
+            if row.size >= 1024 {
+                format!("{} KiB", row.size / 1024)
+            } else {
+                format!("{} B", row.size)
+            },
             row.shards,
             h.map_or("—".into(), |h| format!("{:.0} k", h.records_per_s / 1e3)),
             h.map_or("—".into(), |h| format!("{:.0}", h.mb_per_s)),
@@ -499,7 +517,13 @@ fn render_throughput(plan: &Plan, rows: &[ThroughputRow]) -> String {
     }
     let _ = writeln!(out);
     for row in rows.iter().filter(|r| r.note.is_some()) {
-        let _ = writeln!(out, "- {} B × {} shards: {}", row.size, row.shards, row.note.as_deref().unwrap_or_default());
+        let _ = writeln!(
+            out,
+            "- {} B × {} shards: {}",
+            row.size,
+            row.shards,
+            row.note.as_deref().unwrap_or_default()
+        );
     }
     // Largest shard count at 2 MB/s: measured (the best aggregate rate ÷ 2 MB/s, the stand-in
     // sharing the two cores) and from CPU alone (all cores ÷ the CPU one full shard costs).
@@ -563,9 +587,11 @@ impl Suite {
         let until = Instant::now() + Duration::from_secs(30);
         loop {
             let out = clients.kinesis.describe_stream_summary().stream_name(stream).send().await;
-            if out.ok().and_then(|o| o.stream_description_summary).is_some_and(|s| {
-                s.stream_status == aws_sdk_kinesis::types::StreamStatus::Active
-            }) {
+            if out
+                .ok()
+                .and_then(|o| o.stream_description_summary)
+                .is_some_and(|s| s.stream_status == aws_sdk_kinesis::types::StreamStatus::Active)
+            {
                 return Ok(());
             }
             if Instant::now() > until {
@@ -600,7 +626,12 @@ impl Suite {
         Ok(config)
     }
 
-    fn spawn_logging_host(&self, config: &Path, log: &Path, cache: Option<&Path>) -> Result<(Proc, Lines)> {
+    fn spawn_logging_host(
+        &self,
+        config: &Path,
+        log: &Path,
+        cache: Option<&Path>,
+    ) -> Result<(Proc, Lines)> {
         let mut command = Command::new(&self.host_binary);
         match cache {
             Some(dir) => command.arg("--cache-dir").arg(dir),
@@ -649,8 +680,11 @@ impl Suite {
         }
         let dir = self.out_dir.join(&name);
         let config = self.job_file(&dir, &name, &name, &extra)?;
-        let (host, lines) =
-            self.spawn_logging_host(&config, &dir.join("host.log"), Some(&self.out_dir.join("cache")))?;
+        let (host, lines) = self.spawn_logging_host(
+            &config,
+            &dir.join("host.log"),
+            Some(&self.out_dir.join("cache")),
+        )?;
         let ignored = |lines: &Lines| {
             lines
                 .lock()
@@ -673,7 +707,9 @@ impl Suite {
             put("warm".to_owned()).await.context("PutRecord")?;
             tokio::time::sleep(Duration::from_millis(300)).await;
             if mode == "FANOUT" && ignored(&lines) {
-                bail!("not available: this build of kinesis-host ignores RetrievalMode (no enhanced fan-out)");
+                bail!(
+                    "not available: this build of kinesis-host ignores RetrievalMode (no enhanced fan-out)"
+                );
             }
             if lines
                 .lock()
@@ -699,7 +735,9 @@ impl Suite {
                 .and_then(|s| s.consumer_count)
                 .unwrap_or(0);
             if consumers == 0 {
-                bail!("not available: the host registered no stream consumer, so it is polling, not using enhanced fan-out");
+                bail!(
+                    "not available: the host registered no stream consumer, so it is polling, not using enhanced fan-out"
+                );
             }
         }
         tokio::time::sleep(Duration::from_millis(idle_ms + 200)).await;
@@ -733,7 +771,8 @@ impl Suite {
         }
         let mut sorted = latencies;
         sorted.sort();
-        let pick = |q: f64| sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1];
+        let pick =
+            |q: f64| sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1];
         Ok((pick(0.5), pick(0.99), sorted[sorted.len() - 1], sorted.len()))
     }
 }
@@ -752,10 +791,24 @@ fn render_latency(rows: &[LatencyRow]) -> String {
     for row in rows {
         match &row.result {
             Ok((p50, p99, max, n)) => {
-                let _ = writeln!(out, "| {} | {} | {n} | {} | {} | {} |", row.mode, row.idle_ms, ms(*p50), ms(*p99), ms(*max));
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {n} | {} | {} | {} |",
+                    row.mode,
+                    row.idle_ms,
+                    ms(*p50),
+                    ms(*p99),
+                    ms(*max)
+                );
             }
             Err(e) => {
-                let _ = writeln!(out, "| {} | {} | — | {} | | |", row.mode, row.idle_ms, e.replace('|', "/"));
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | — | {} | | |",
+                    row.mode,
+                    row.idle_ms,
+                    e.replace('|', "/")
+                );
             }
         }
     }
