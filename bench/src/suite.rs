@@ -49,6 +49,18 @@ pub struct SuiteArgs {
     /// Skip the boundary figures.
     #[arg(long)]
     pub no_boundary: bool,
+    /// Run only these parts: throughput, latency, cold, boundary (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Record sizes of the throughput figures (default 1024,100).
+    #[arg(long, value_delimiter = ',')]
+    pub sizes: Option<Vec<usize>>,
+}
+
+impl SuiteArgs {
+    fn wants(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| p == part)
+    }
 }
 
 /// Settings derived from the options.
@@ -60,6 +72,8 @@ struct Plan {
     warmup: Duration,
     latency_samples: usize,
     cold_reps: usize,
+    /// Repetitions of each throughput row (host and floor alternate).
+    throughput_reps: usize,
 }
 
 impl Plan {
@@ -67,11 +81,12 @@ impl Plan {
         let default_shards = if args.quick { vec![1, 64] } else { vec![1, 64, 512] };
         Plan {
             shards: args.shards.clone().unwrap_or(default_shards),
-            sizes: vec![1024, 100],
+            sizes: args.sizes.clone().unwrap_or_else(|| vec![1024, 100]),
             window: Duration::from_secs(if args.quick { 3 } else { 6 }),
             warmup: Duration::from_secs(if args.quick { 1 } else { 2 }),
             latency_samples: if args.quick { 40 } else { 150 },
             cold_reps: if args.quick { 2 } else { 4 },
+            throughput_reps: if args.quick { 1 } else { 2 },
         }
     }
 }
@@ -80,6 +95,7 @@ impl Plan {
 struct Suite {
     plan: Plan,
     host_binary: PathBuf,
+    floor_binary: PathBuf,
     guest: PathBuf,
     out_dir: PathBuf,
     dynamodb: String,
@@ -104,8 +120,12 @@ pub fn run(args: &SuiteArgs) -> Result<()> {
     let _ = std::fs::remove_dir_all(&out_dir);
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    // Private copies: other worktrees sharing the target directory may rebuild (replace) both
+    // this benchmark and the host while it runs. `/proc/self/exe` is this very binary.
+    let floor_binary = out_dir.join("kinesis-host-bench");
+    std::fs::copy("/proc/self/exe", &floor_binary)
+        .with_context(|| format!("cannot copy this benchmark to {}", floor_binary.display()))?;
     let (built, guest) = failover::build(&root, &target, "bench-count")?;
-    // A private copy: other worktrees sharing the target directory may rebuild the binary.
     let host_binary = out_dir.join("kinesis-host");
     std::fs::copy(&built, &host_binary)
         .with_context(|| format!("cannot copy {} to {}", built.display(), host_binary.display()))?;
@@ -113,6 +133,7 @@ pub fn run(args: &SuiteArgs) -> Result<()> {
     let suite = Suite {
         plan: plan.clone(),
         host_binary,
+        floor_binary,
         guest,
         out_dir,
         dynamodb: emulators.dynamodb.clone(),
@@ -127,15 +148,21 @@ pub fn run(args: &SuiteArgs) -> Result<()> {
     let mut report = String::new();
     let _ = writeln!(report, "# kinesis-host benchmark suite\n");
     let _ = writeln!(report, "{}\n", machine());
-    let throughput = suite.throughput()?;
-    report.push_str(&render_throughput(&plan, &throughput));
-    let latency = runtime.block_on(suite.latency_all())?;
-    report.push_str(&render_latency(&latency));
-    let cold = runtime.block_on(suite.cold_start())?;
-    report.push_str(&render_cold(&cold));
+    if args.wants("throughput") {
+        let throughput = suite.throughput()?;
+        report.push_str(&render_throughput(&plan, &throughput));
+    }
+    if args.wants("latency") {
+        let latency = runtime.block_on(suite.latency_all())?;
+        report.push_str(&render_latency(&latency));
+    }
+    if args.wants("cold") {
+        let cold = runtime.block_on(suite.cold_start())?;
+        report.push_str(&render_cold(&cold));
+    }
     drop(runtime);
     emulators.stop();
-    if !args.no_boundary {
+    if !args.no_boundary && args.wants("boundary") {
         let boundary = boundary::run(&BoundaryArgs {
             records: 500,
             sizes: vec![100, 1024],
@@ -143,8 +170,7 @@ pub fn run(args: &SuiteArgs) -> Result<()> {
             min_ms: if args.quick { 100 } else { 200 },
             check: false,
         })?;
-        let _ =
-            writeln!(report, "## 4. Boundary (`boundary` subcommand)\n\n```\n{}```\n", boundary);
+        let _ = writeln!(report, "## 4. Boundary (`boundary` subcommand)\n\n```\n{boundary}```\n");
     }
     let _ = writeln!(
         report,
@@ -309,7 +335,26 @@ struct ThroughputRow {
     shards: usize,
     host: Option<Window>,
     floor: Option<Window>,
+    /// host/floor CPU per GB of each repetition.
+    ratios: Vec<f64>,
     note: Option<String>,
+}
+
+impl Window {
+    /// The mean of every figure over `windows`; `None` for none. Peak RSS is the largest.
+    fn mean(windows: &[Window]) -> Option<Window> {
+        let n = windows.len() as f64;
+        let avg = |f: fn(&Window) -> f64| windows.iter().map(f).sum::<f64>() / n;
+        (!windows.is_empty()).then(|| Window {
+            records_per_s: avg(|w| w.records_per_s),
+            mb_per_s: avg(|w| w.mb_per_s),
+            cpu_s_per_gb: avg(|w| w.cpu_s_per_gb),
+            cpu_us_per_call: avg(|w| w.cpu_us_per_call),
+            cores: avg(|w| w.cores),
+            rss: avg(|w| w.rss as f64) as u64,
+            hwm: windows.iter().map(|w| w.hwm).max().unwrap_or(0),
+        })
+    }
 }
 
 impl Suite {
@@ -320,18 +365,39 @@ impl Suite {
                 if Instant::now() > self.deadline {
                     bail!("the suite's deadline passed");
                 }
-                eprintln!("== throughput: {size} B records, {shards} shards");
                 let mut note = None;
-                let host = self.throughput_host(size, shards).unwrap_or_else(|e| {
-                    note = Some(format!("host: {e:#}"));
-                    None
+                let (mut hosts, mut floors) = (Vec::new(), Vec::new());
+                for rep in 0..self.plan.throughput_reps {
+                    eprintln!(
+                        "== throughput: {size} B records, {shards} shards, repetition {}",
+                        rep + 1
+                    );
+                    match self.throughput_host(size, shards) {
+                        Ok(host) => hosts.extend(host),
+                        Err(e) => note = Some(format!("host: {e:#}")),
+                    }
+                    match self.throughput_floor(size, shards) {
+                        Ok(floor) => floors.extend(floor),
+                        Err(e) => {
+                            note.get_or_insert_with(String::new)
+                                .push_str(&format!(" floor: {e:#}"));
+                        }
+                    }
+                    eprintln!("   host {:?}\n   floor {:?}", hosts.last(), floors.last());
+                }
+                let ratios: Vec<f64> = hosts
+                    .iter()
+                    .zip(&floors)
+                    .map(|(h, f)| h.cpu_s_per_gb / f.cpu_s_per_gb)
+                    .collect();
+                rows.push(ThroughputRow {
+                    size,
+                    shards,
+                    host: Window::mean(&hosts),
+                    floor: Window::mean(&floors),
+                    ratios,
+                    note,
                 });
-                let floor = self.throughput_floor(size, shards).unwrap_or_else(|e| {
-                    note.get_or_insert_with(String::new).push_str(&format!(" floor: {e:#}"));
-                    None
-                });
-                eprintln!("   host {host:?}\n   floor {floor:?}");
-                rows.push(ThroughputRow { size, shards, host, floor, note });
             }
         }
         Ok(rows)
@@ -440,8 +506,7 @@ impl Suite {
 
     fn throughput_floor(&self, size: usize, shards: usize) -> Result<Option<Window>> {
         let standin = self.standin(size, shards)?;
-        let exe = std::env::current_exe().context("the benchmark's own path")?;
-        let child = Command::new(exe)
+        let child = Command::new(&self.floor_binary)
             .args(["sdk-floor", "--endpoint", &standin.endpoint, "--shards", &shards.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -463,10 +528,12 @@ fn render_throughput(plan: &Plan, rows: &[ThroughputRow]) -> String {
         out,
         "{RECORDS_PER_CALL} records per GetRecords answer, IdleTimeBetweenReadsInMillis=1, leases in dynalite \
          (FailoverTimeMillis and task.commit.ms 600000: no lease write in the window). Window {} s after all shards \
-         were read and {} s of warm-up. CPU is user+system of the process from /proc/<pid>/stat; GB = 10^9 payload \
+         were read and {} s of warm-up; {} repetition(s), host and floor alternating, means shown (host/floor: of the means, \
+         and the range over repetitions). CPU is user+system of the process from /proc/<pid>/stat; GB = 10^9 payload \
          bytes; floor = `sdk-floor`, aws-sdk-kinesis decoding the same answers and nothing else.\n",
         plan.window.as_secs(),
-        plan.warmup.as_secs()
+        plan.warmup.as_secs(),
+        plan.throughput_reps
     );
     let _ = writeln!(
         out,
@@ -506,6 +573,12 @@ fn render_throughput(plan: &Plan, rows: &[ThroughputRow]) -> String {
             h.map_or("—".into(), |h| format!("{:.2}", h.cpu_s_per_gb)),
             f.map_or("—".into(), |f| format!("{:.2}", f.cpu_s_per_gb)),
             match (h, f) {
+                (Some(h), Some(f)) if row.ratios.len() > 1 => format!(
+                    "**{:.2}×** ({:.2}–{:.2})",
+                    h.cpu_s_per_gb / f.cpu_s_per_gb,
+                    row.ratios.iter().copied().fold(f64::INFINITY, f64::min),
+                    row.ratios.iter().copied().fold(0.0, f64::max)
+                ),
                 (Some(h), Some(f)) => format!("**{:.2}×**", h.cpu_s_per_gb / f.cpu_s_per_gb),
                 _ => "—".into(),
             },
