@@ -11,6 +11,9 @@
 //! they increase along each shard as the host's checkpoint filter expects, and the
 //! `NextShardIterator` (about 290 characters, like Kinesis's). The stream never ends.
 //!
+//! Until every shard has been asked for an iterator, `GetRecords` answers after 100 ms with no
+//! records, so that the measured process starts all its shards before any runs at full speed.
+//!
 //! Patching costs one copy of the body per call, a small fraction of what decoding it costs the
 //! client. The server runs on its own single-threaded tokio runtime (its CPU competes with the
 //! measured process, as a network would not) and stops when dropped or at its deadline.
@@ -296,6 +299,16 @@ async fn answer(
             else {
                 return error("InvalidArgumentException", "bad shard iterator");
             };
+            // Until every shard was asked for an iterator, answer slowly and with no records:
+            // a host reading its first shards at full speed would take its other leases slowly.
+            if (stats.shards_started.load(Ordering::Relaxed) as usize) < bodies.shape.shards {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let body = format!(
+                    "{{\"Records\":[],\"MillisBehindLatest\":0,\"NextShardIterator\":\"{}\"}}",
+                    iterator(shard, counter)
+                );
+                return json(StatusCode::OK, Bytes::from(body));
+            }
             stats.calls.fetch_add(1, Ordering::Relaxed);
             stats.records.fetch_add(bodies.shape.records_per_call as u64, Ordering::Relaxed);
             stats.bytes.fetch_add(bodies.payload_bytes, Ordering::Relaxed);

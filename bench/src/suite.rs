@@ -457,7 +457,10 @@ impl Suite {
 
     fn throughput_host(&self, size: usize, shards: usize) -> Result<Option<Window>> {
         let standin = self.standin(size, shards)?;
-        let name = format!("tp-{size}-{shards}-{}", std::process::id());
+        // A fresh lease table every run: a killed host's leases stay taken for ten minutes.
+        static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("tp-{size}-{shards}-{}-{run}", std::process::id());
         let dir = self.out_dir.join(&name);
         std::fs::create_dir_all(&dir)?;
         let config = dir.join("job.properties");
