@@ -52,6 +52,12 @@ pub struct SuiteArgs {
     /// Run only these parts: throughput, latency, cold, boundary (default: all).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// `FailoverTimeMillis` of the throughput hosts (default 600000: no renewal in the window).
+    #[arg(long, default_value_t = 600_000)]
+    pub failover_ms: u64,
+    /// Seconds of each throughput window (default 6; quick 3).
+    #[arg(long)]
+    pub window_secs: Option<u64>,
     /// Record sizes of the throughput figures (default 1024,100).
     #[arg(long, value_delimiter = ',')]
     pub sizes: Option<Vec<usize>>,
@@ -74,6 +80,7 @@ struct Plan {
     cold_reps: usize,
     /// Repetitions of each throughput row (host and floor alternate).
     throughput_reps: usize,
+    failover_ms: u64,
 }
 
 impl Plan {
@@ -82,11 +89,12 @@ impl Plan {
         Plan {
             shards: args.shards.clone().unwrap_or(default_shards),
             sizes: args.sizes.clone().unwrap_or_else(|| vec![1024, 100]),
-            window: Duration::from_secs(if args.quick { 3 } else { 6 }),
+            window: Duration::from_secs(args.window_secs.unwrap_or(if args.quick { 3 } else { 6 })),
             warmup: Duration::from_secs(if args.quick { 1 } else { 2 }),
             latency_samples: if args.quick { 40 } else { 150 },
             cold_reps: if args.quick { 2 } else { 4 },
             throughput_reps: if args.quick { 1 } else { 2 },
+            failover_ms: args.failover_ms,
         }
     }
 }
@@ -478,9 +486,9 @@ impl Suite {
                  systems.kinesis.aws.dynamodb.endpoint={}\n\
                  systems.kinesis.aws.kcl.InitialPositionInStream=TRIM_HORIZON\n\
                  systems.kinesis.aws.kcl.IdleTimeBetweenReadsInMillis=1\n\
-                 systems.kinesis.aws.kcl.FailoverTimeMillis=600000\n\
+                 systems.kinesis.aws.kcl.FailoverTimeMillis={}\n\
                  systems.kinesis.aws.kcl.ShardSyncIntervalMillis=600000\n",
-                standin.endpoint, self.dynamodb,
+                standin.endpoint, self.dynamodb, self.plan.failover_ms,
             ),
         )?;
         let log = std::fs::File::create(dir.join("host.log"))?;
@@ -530,10 +538,12 @@ fn render_throughput(plan: &Plan, rows: &[ThroughputRow]) -> String {
     let _ = writeln!(
         out,
         "{RECORDS_PER_CALL} records per GetRecords answer, IdleTimeBetweenReadsInMillis=1, leases in dynalite \
-         (FailoverTimeMillis and task.commit.ms 600000: no lease write in the window). Window {} s after all shards \
+         (FailoverTimeMillis={}, task.commit.ms=600000; at the default 600000 no lease write falls in the window). \
+         Window {} s after all shards \
          were read and {} s of warm-up; {} repetition(s), host and floor alternating, means shown (host/floor: of the means, \
          and the range over repetitions). CPU is user+system of the process from /proc/<pid>/stat; GB = 10^9 payload \
          bytes; floor = `sdk-floor`, aws-sdk-kinesis decoding the same answers and nothing else.\n",
+        plan.failover_ms,
         plan.window.as_secs(),
         plan.warmup.as_secs(),
         plan.throughput_reps

@@ -325,10 +325,14 @@ async fn sync_shards(
     Ok(())
 }
 
+/// Renews every held lease, all at once: when the runtime is saturated by reading (hundreds of
+/// shards decoding full answers), every await waits a round of the run queue, and renewing
+/// 512 leases one after another overran the failover time (the benchmark suite saw the host
+/// drop its own leases). KCL renews on a thread pool for the same reason.
 async fn renew_all(
     table: &LeaseTable,
-    held: &std::sync::Mutex<HashMap<String, Arc<Held>>>,
-    config: &WorkerConfig,
+    held: &Arc<std::sync::Mutex<HashMap<String, Arc<Held>>>>,
+    config: &Arc<WorkerConfig>,
 ) {
     let all: Vec<(String, Arc<Held>)> = held
         .lock()
@@ -336,27 +340,37 @@ async fn renew_all(
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let mut renewals = JoinSet::new();
     for (key, h) in all {
-        let mut lease = h.lease.lock().await;
-        let expired = h.renewed.lock().map(|r| r.elapsed() > config.failover_time).unwrap_or(true);
-        let result = if expired { Err(None) } else { table.renew(&lease).await.map_err(Some) };
-        match result {
-            Ok(renewed) => {
-                *lease = renewed;
-                if let Ok(mut r) = h.renewed.lock() {
-                    *r = Instant::now();
+        let (table, held, config) = (table.clone(), held.clone(), config.clone());
+        renewals.spawn(async move {
+            let mut lease = h.lease.lock().await;
+            let expired =
+                h.renewed.lock().map(|r| r.elapsed() > config.failover_time).unwrap_or(true);
+            let result = if expired { Err(None) } else { table.renew(&lease).await.map_err(Some) };
+            match result {
+                Ok(renewed) => {
+                    *lease = renewed;
+                    if let Ok(mut r) = h.renewed.lock() {
+                        *r = Instant::now();
+                    }
+                }
+                Err(Some(LeaseError::Aws { message, .. })) => {
+                    count("kinesis_host_lease_renewal_failures_total", &config.stream);
+                    tracing::warn!(lease = %key, error = %message, "Lease renewal failed; retrying.");
+                }
+                Err(error) => {
+                    count("kinesis_host_leases_lost_total", &config.stream);
+                    tracing::info!(lease = %key, expired, error = ?error.map(|e| e.to_string()), "Lost lease.");
+                    let _ = h.stop.send(true);
+                    held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
                 }
             }
-            Err(Some(LeaseError::Aws { message, .. })) => {
-                count("kinesis_host_lease_renewal_failures_total", &config.stream);
-                tracing::warn!(lease = %key, error = %message, "Lease renewal failed; retrying.");
-            }
-            Err(error) => {
-                count("kinesis_host_leases_lost_total", &config.stream);
-                tracing::info!(lease = %key, expired, error = ?error.map(|e| e.to_string()), "Lost lease.");
-                let _ = h.stop.send(true);
-                held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
-            }
+        });
+    }
+    while let Some(done) = renewals.join_next().await {
+        if let Err(error) = done {
+            tracing::error!(%error, "A lease renewal panicked.");
         }
     }
 }
