@@ -285,12 +285,13 @@ impl SizeResult {
     }
 }
 
-/// Runs the benchmark: builds the guests, measures every size, prints and writes the report.
+/// Runs the benchmark: builds the guests, measures every size, prints and writes the report,
+/// and returns it.
 ///
 /// # Errors
 /// When the guests cannot be built or loaded, a call fails, the checksums disagree, the report
 /// cannot be written, or (with `--check`) a target is missed.
-pub fn run(args: &BoundaryArgs) -> Result<()> {
+pub fn run(args: &BoundaryArgs) -> Result<String> {
     ensure!(args.records > 0, "--records must be at least 1");
     ensure!(args.reps > 0, "--reps must be at least 1");
     ensure!(!args.sizes.is_empty(), "--sizes must name at least one size");
@@ -326,7 +327,7 @@ pub fn run(args: &BoundaryArgs) -> Result<()> {
             "a target at {TARGET_SIZE} B was missed"
         );
     }
-    Ok(())
+    Ok(report)
 }
 
 fn measure_size(

@@ -135,7 +135,7 @@ pub fn run(args: &FailoverArgs) -> Result<()> {
     let _ = std::fs::remove_dir_all(&out_dir);
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
-    let (host_binary, guest) = build(&root, &target)?;
+    let (host_binary, guest) = build(&root, &target, "echo-task")?;
     let emulators = Emulators::start(&root, &target.join("bench").join("failover-emulators"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -189,12 +189,13 @@ pub fn run(args: &FailoverArgs) -> Result<()> {
     Ok(())
 }
 
-/// Builds `kinesis-host` (release) and the `echo-task` guest; returns their paths.
-fn build(root: &Path, target: &Path) -> Result<(PathBuf, PathBuf)> {
+/// Builds `kinesis-host` (release) and the guest package `guest` (`echo-task` here); returns
+/// their paths.
+pub(crate) fn build(root: &Path, target: &Path, guest: &str) -> Result<(PathBuf, PathBuf)> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     for args in [
         &["build", "--release", "-p", "kinesis-host"][..],
-        &["build", "--profile", "guest", "--target", "wasm32-wasip2", "-p", "echo-task"][..],
+        &["build", "--profile", "guest", "--target", "wasm32-wasip2", "-p", guest][..],
     ] {
         let mut command = Command::new(&cargo);
         command.current_dir(root).args(args);
@@ -217,7 +218,10 @@ fn build(root: &Path, target: &Path) -> Result<(PathBuf, PathBuf)> {
         }
     }
     let host = target.join("release").join("kinesis-host");
-    let guest = target.join("wasm32-wasip2").join("guest").join("echo_task.wasm");
+    let guest = target
+        .join("wasm32-wasip2")
+        .join("guest")
+        .join(format!("{}.wasm", guest.replace('-', "_")));
     for path in [&host, &guest] {
         if !path.is_file() {
             bail!("the build succeeded but {} is missing", path.display());
@@ -228,16 +232,16 @@ fn build(root: &Path, target: &Path) -> Result<(PathBuf, PathBuf)> {
 
 /// The emulators this run started; stopped on drop (and they exit with this process anyway,
 /// through `--watch-pid`).
-struct Emulators {
+pub(crate) struct Emulators {
     script: PathBuf,
     dir: PathBuf,
-    kinesis: String,
-    dynamodb: String,
+    pub(crate) kinesis: String,
+    pub(crate) dynamodb: String,
     stopped: bool,
 }
 
 impl Emulators {
-    fn start(root: &Path, dir: &Path) -> Result<Self> {
+    pub(crate) fn start(root: &Path, dir: &Path) -> Result<Self> {
         let script = root.join("scripts").join("emulators.sh");
         // Leftovers of an earlier run that was killed: their processes are gone with it.
         let _ = Command::new("bash")
@@ -280,7 +284,7 @@ impl Emulators {
         })
     }
 
-    fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         self.stop_now();
     }
 

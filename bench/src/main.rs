@@ -18,12 +18,19 @@
 //! third host joins, with real `kinesis-host run` processes on local emulators it starts itself,
 //! beside KCL 2.x's figures at the same `FailoverTimeMillis`; it writes its table to
 //! `target/bench/failover.txt`.
+//!
+//! `suite` runs the figures of the whole host in one command: throughput of one `kinesis-host
+//! run` against a fast Kinesis stand-in beside the AWS SDK's decode floor, put-to-process
+//! latency, cold start and `boundary`; it writes `target/bench/suite.md`.
 
 mod boundary;
 mod failover;
+mod floor;
 mod guests;
 mod naive;
 mod records;
+mod standin;
+mod suite;
 mod tenants;
 mod timing;
 
@@ -49,12 +56,22 @@ enum Command {
     /// CPU fairness of `serve`'s tenants (well-behaved throughput with and without a tenant in
     /// an endless loop, as a ratio) and resident memory per idle task instance.
     Tenants(tenants::TenantsArgs),
+    /// The whole host: throughput against a Kinesis stand-in beside the AWS SDK's decode floor,
+    /// put-to-process latency (polling and enhanced fan-out), cold start, and `boundary`;
+    /// prints one report and writes it to `target/bench/suite.md`.
+    Suite(suite::SuiteArgs),
+    /// The suite's throughput reference: only decode GetRecords answers with aws-sdk-kinesis
+    /// (run by `suite` as a separate process).
+    #[command(hide = true)]
+    SdkFloor(floor::FloorArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Boundary(args) => boundary::run(&args),
+        Command::Boundary(args) => boundary::run(&args).map(drop),
         Command::Failover(args) => failover::run(&args),
         Command::Tenants(args) => tenants::run(&args),
+        Command::Suite(args) => suite::run(&args),
+        Command::SdkFloor(args) => floor::run(&args),
     }
 }

@@ -8,6 +8,7 @@ pub mod aws;
 pub mod checkpoint;
 pub mod efo;
 pub mod kpl;
+pub mod lean_decode;
 pub mod lease;
 pub mod output;
 pub mod reader;

