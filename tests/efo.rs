@@ -244,10 +244,7 @@ fn two_hosts_registering_the_consumer_at_once_share_it() {
 
 #[test]
 fn a_checkpoint_inside_a_kpl_aggregate_resumes_with_its_next_user_record() {
-    use aws_sdk_dynamodb::types::{
-        AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-        ScalarAttributeType,
-    };
+    use aws_sdk_dynamodb::types::AttributeValue;
     use aws_sdk_kinesis::primitives::Blob;
     use kinesis_host_coordinator::kpl::{AggregateEntry, aggregate};
     let c = clients();
@@ -281,36 +278,7 @@ fn a_checkpoint_inside_a_kpl_aggregate_resumes_with_its_next_user_record() {
     // A lease table as a KCL application leaves it: checkpointed after user record 2 of the
     // aggregate, owned by a worker that is gone.
     rt().block_on(async {
-        c.dynamodb
-            .create_table()
-            .table_name(table)
-            .key_schema(
-                KeySchemaElement::builder()
-                    .attribute_name("leaseKey")
-                    .key_type(KeyType::Hash)
-                    .build()
-                    .expect("key"),
-            )
-            .attribute_definitions(
-                AttributeDefinition::builder()
-                    .attribute_name("leaseKey")
-                    .attribute_type(ScalarAttributeType::S)
-                    .build()
-                    .expect("attribute"),
-            )
-            .billing_mode(BillingMode::PayPerRequest)
-            .send()
-            .await
-            .expect("CreateTable");
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let d = c.dynamodb.describe_table().table_name(table).send().await.expect("Describe");
-            if d.table().and_then(|t| t.table_status()).map(|s| s.as_str()) == Some("ACTIVE") {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "table {table} never became ACTIVE");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        create_lease_table(&c, table).await;
         c.dynamodb
             .put_item()
             .table_name(table)

@@ -207,41 +207,7 @@ fn kcl2_table(c: &AwsClients, table: &str, stream: &str) -> Vec<String> {
     let shards = open_shards(c, stream);
     // The KCL 2.x worker's table: both leases its own.
     rt().block_on(async {
-        use aws_sdk_dynamodb::types::{
-            AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-        };
-        c.dynamodb
-            .create_table()
-            .table_name(table)
-            .key_schema(
-                KeySchemaElement::builder()
-                    .attribute_name("leaseKey")
-                    .key_type(KeyType::Hash)
-                    .build()
-                    .expect("key"),
-            )
-            .attribute_definitions(
-                AttributeDefinition::builder()
-                    .attribute_name("leaseKey")
-                    .attribute_type(ScalarAttributeType::S)
-                    .build()
-                    .expect("definition"),
-            )
-            .billing_mode(BillingMode::PayPerRequest)
-            .send()
-            .await
-            .expect("CreateTable");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let status = c.dynamodb.describe_table().table_name(table).send().await;
-            if status.ok().and_then(|d| d.table()?.table_status().cloned())
-                == Some(aws_sdk_dynamodb::types::TableStatus::Active)
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{table} did not become ACTIVE");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        create_lease_table(c, table).await;
         for shard in &shards {
             c.dynamodb
                 .put_item()

@@ -317,39 +317,7 @@ fn kpl_aggregates_come_out_as_user_records_resuming_inside_an_aggregate() {
         &format!("systems.kinesis.aws.kcl.TableName={table}\n"),
     );
     rt().block_on(async {
-        use aws_sdk_dynamodb::types::{
-            AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-        };
-        c.dynamodb
-            .create_table()
-            .table_name(table)
-            .key_schema(
-                KeySchemaElement::builder()
-                    .attribute_name("leaseKey")
-                    .key_type(KeyType::Hash)
-                    .build()
-                    .expect("key"),
-            )
-            .attribute_definitions(
-                AttributeDefinition::builder()
-                    .attribute_name("leaseKey")
-                    .attribute_type(ScalarAttributeType::S)
-                    .build()
-                    .expect("attr"),
-            )
-            .billing_mode(BillingMode::PayPerRequest)
-            .send()
-            .await
-            .expect("CreateTable");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let d = c.dynamodb.describe_table().table_name(table).send().await.expect("Describe");
-            if d.table().and_then(|t| t.table_status()).map(|s| s.as_str()) == Some("ACTIVE") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "table {table} never became ACTIVE");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        create_lease_table(&c, table).await;
         for (i, shard) in shards.iter().enumerate() {
             let mut put = c
                 .dynamodb

@@ -335,6 +335,38 @@ pub fn open_shards(c: &AwsClients, stream: &str) -> Vec<String> {
     })
 }
 
+/// Creates `table` with the KCL lease table's key (`leaseKey`, a string), as a Java KCL
+/// application would have left it, and waits until it is `ACTIVE`.
+pub async fn create_lease_table(c: &AwsClients, table: &str) {
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+        TableStatus,
+    };
+    let key = KeySchemaElement::builder().attribute_name("leaseKey").key_type(KeyType::Hash);
+    let attribute = AttributeDefinition::builder()
+        .attribute_name("leaseKey")
+        .attribute_type(ScalarAttributeType::S);
+    c.dynamodb
+        .create_table()
+        .table_name(table)
+        .key_schema(key.build().expect("key schema"))
+        .attribute_definitions(attribute.build().expect("attribute definition"))
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await
+        .expect("CreateTable");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = c.dynamodb.describe_table().table_name(table).send().await;
+        if status.ok().and_then(|d| d.table()?.table_status().cloned()) == Some(TableStatus::Active)
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "table {table} never became ACTIVE");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Each lease's checkpoint, by shard.
 pub fn checkpoints(c: &AwsClients, table: &str) -> BTreeMap<String, String> {
     lease_items(c, table)
