@@ -13,29 +13,13 @@ mod emulators;
 use std::time::{Duration, Instant};
 
 use aws::*;
-use aws_sdk_kinesis::primitives::Blob;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use kinesis_host_coordinator::aws::AwsClients;
 
 /// Puts `(partition key, data)` records one by one; returns their sequence numbers.
 fn put_numbered(c: &AwsClients, stream: &str, records: &[(String, String)]) -> Vec<String> {
-    rt().block_on(async {
-        let mut seqs = Vec::new();
-        for (key, data) in records {
-            let out = c
-                .kinesis
-                .put_record()
-                .stream_name(stream)
-                .partition_key(key)
-                .data(Blob::new(data.as_bytes()))
-                .send()
-                .await
-                .expect("PutRecord");
-            seqs.push(out.sequence_number().to_owned());
-        }
-        seqs
-    })
+    put(c, stream, records).into_iter().map(|(_, seq)| seq).collect()
 }
 
 fn records(data: &[&str]) -> Vec<(String, String)> {

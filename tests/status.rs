@@ -10,30 +10,18 @@ mod emulators;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use aws::{Host, clients, create_stream, rt, wait_for_records};
-use aws_sdk_kinesis::primitives::Blob;
+use aws::{Host, clients, create_stream, wait_for_records};
 use common::kinesis_host;
 use kinesis_host_coordinator::aws::AwsClients;
 use serde_json::Value;
 
 /// Puts the records one by one; returns the last sequence number put into each shard.
-fn put(c: &AwsClients, stream: &str, records: &[(String, String)]) -> BTreeMap<String, String> {
-    rt().block_on(async {
-        let mut last = BTreeMap::new();
-        for (key, data) in records {
-            let out = c
-                .kinesis
-                .put_record()
-                .stream_name(stream)
-                .partition_key(key)
-                .data(Blob::new(data.as_bytes()))
-                .send()
-                .await
-                .expect("PutRecord");
-            last.insert(out.shard_id().to_owned(), out.sequence_number().to_owned());
-        }
-        last
-    })
+fn put_last(
+    c: &AwsClients,
+    stream: &str,
+    records: &[(String, String)],
+) -> BTreeMap<String, String> {
+    aws::put(c, stream, records).into_iter().collect()
 }
 
 fn job_properties(dir: &Path, job: &str, input: &str, output: &str) -> std::path::PathBuf {
@@ -86,7 +74,7 @@ fn shows_checkpoints_owners_and_lag_after_a_run() {
     create_stream(&c, output, 1);
     let records: Vec<(String, String)> =
         (0..20).map(|i| (format!("key-{i}"), format!("record {i}"))).collect();
-    let last = put(&c, input, &records);
+    let last = put_last(&c, input, &records);
     assert_eq!(last.len(), 2, "the records should reach both shards: {last:?}");
     let config = job_properties(dir.path(), "status", input, output);
     let log = dir.path().join("host.log");

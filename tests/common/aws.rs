@@ -71,11 +71,14 @@ pub fn create_stream(c: &AwsClients, name: &str, shards: i32) {
     });
 }
 
-/// Puts `(partition key, data)` records one by one (so per-key order is the put order).
-pub fn put(c: &AwsClients, stream: &str, records: &[(String, String)]) {
+/// Puts `(partition key, data)` records one by one (so per-key order is the put order);
+/// returns each record's `(shard id, sequence number)`.
+pub fn put(c: &AwsClients, stream: &str, records: &[(String, String)]) -> Vec<(String, String)> {
     rt().block_on(async {
+        let mut placed = Vec::new();
         for (key, data) in records {
-            c.kinesis
+            let out = c
+                .kinesis
                 .put_record()
                 .stream_name(stream)
                 .partition_key(key)
@@ -83,8 +86,10 @@ pub fn put(c: &AwsClients, stream: &str, records: &[(String, String)]) {
                 .send()
                 .await
                 .expect("PutRecord");
+            placed.push((out.shard_id().to_owned(), out.sequence_number().to_owned()));
         }
-    });
+        placed
+    })
 }
 
 /// Every record of every shard of `stream`, as (partition key, data), shard by shard.
