@@ -6,7 +6,15 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# One clean build, so incremental caches would only cost disk (several GB over the workspace).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 step "Toolchain: $(rustc --version), guest target wasm32-wasip2"
+# A full disk shows up later as linker bus errors or half-written artifacts; say it plainly first.
+free_kib=$(df -Pk "${CARGO_TARGET_DIR:-.}" 2>/dev/null | awk 'NR == 2 { print $4 }')
+if [[ -n "$free_kib" && "$free_kib" -lt $((4 * 1024 * 1024)) ]]; then
+  echo "warning: only $((free_kib / 1024)) MiB free for the build; a clean run needs about 4 GiB" >&2
+fi
 rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
 step "Formatting"
