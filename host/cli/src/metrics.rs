@@ -6,10 +6,10 @@
 //! [`crate::run`]'s processor, task errors in [`crate::pipeline`]. Without `metrics.address` no
 //! recorder is installed and every one of those calls is a no-op. With it, [`install`] installs a
 //! Prometheus recorder that adds the label `job` (`job.name`) to every metric, and [`serve`]
-//! answers HTTP requests with a deliberately small server: one request per connection (HTTP/1.0
-//! and HTTP/1.1, `Connection: close`), request heads up to [`MAX_REQUEST_BYTES`], a deadline for
-//! reading the request and one for writing the answer, at most [`MAX_CONNECTIONS`] connections at
-//! once.
+//! answers HTTP/1.0 and HTTP/1.1 requests with hyper: one request per connection (`Connection:
+//! close`), request heads up to [`MAX_REQUEST_BYTES`] (431 beyond), [`READ_TIMEOUT`] to send the
+//! request head and [`CONNECTION_TIMEOUT`] for the whole exchange, at most [`MAX_CONNECTIONS`]
+//! connections at once.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -17,8 +17,17 @@ use std::time::Duration;
 
 use metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 /// Records processed per stream: the task finished them (or set them aside as poison records)
@@ -37,14 +46,15 @@ pub const DEAD_LETTER_RECORDS: &str = "kinesis_host_dead_letter_records_total";
 const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
-/// The largest request head (request line and headers) read; a longer one gets 431.
+/// The largest request head (request line and headers) read; a longer one gets 431. (hyper's
+/// smallest buffer limit.)
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 /// Connections served at once; further ones wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 16;
 /// How long a client may take to send its request head.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a client may take to read the answer.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection may last in all: sending the request and reading the answer.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often histograms are folded into their buckets (also done before every scrape).
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -221,10 +231,42 @@ impl Health {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the future is dropped.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle, health: Arc<Health>) {
+/// What `/healthz` and `/readyz` report: a [`Health`] for `run`, the jobs' readiness for `serve`.
+pub trait Probe: Send + Sync + 'static {
+    /// `/healthz`: `Ok` while the process does its work; why not otherwise.
+    ///
+    /// # Errors
+    /// The reason, for the 503's body.
+    fn live(&self) -> Result<(), String>;
+
+    /// `/readyz`: `Ok` once the process does all its work; why not otherwise.
+    ///
+    /// # Errors
+    /// The reason, for the 503's body.
+    fn ready(&self) -> Result<(), String>;
+}
+
+impl Probe for Health {
+    fn live(&self) -> Result<(), String> {
+        Health::live(self).map_err(str::to_owned)
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        Health::ready(self)
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the future is dropped, and
+/// folds histograms into their buckets every [`UPKEEP_INTERVAL`].
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle, probe: Arc<dyn Probe>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut upkeep = tokio::time::interval(UPKEEP_INTERVAL);
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(READ_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_BYTES)
+        // One request per connection: nothing here is worth keeping a socket open for.
+        .keep_alive(false);
     loop {
         let accept = async {
             let permit = slots.clone().acquire_owned().await;
@@ -234,11 +276,18 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, health: Arc<
             _ = upkeep.tick() => handle.run_upkeep(),
             (permit, accepted) = accept => match accepted {
                 Ok((stream, _)) => {
-                    let (handle, health) = (handle.clone(), health.clone());
+                    let (handle, probe) = (handle.clone(), probe.clone());
+                    let service = service_fn(move |request: Request<Incoming>| {
+                        let answer = respond(request.method(), request.uri().path(), &handle, &*probe);
+                        std::future::ready(Ok::<_, Infallible>(answer))
+                    });
+                    let connection = http.serve_connection(TokioIo::new(stream), service);
                     tokio::spawn(async move {
                         let _permit = permit;
-                        if let Err(error) = connection(stream, &handle, &health).await {
-                            tracing::debug!(%error, "Metrics request failed.");
+                        match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(error)) => tracing::debug!(%error, "Metrics request failed."),
+                            Err(_) => tracing::debug!("Metrics connection too slow; closed."),
                         }
                     });
                 }
@@ -252,150 +301,49 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, health: Arc<
     }
 }
 
-/// Reads one request head, writes the answer and closes.
-async fn connection(
-    mut stream: TcpStream,
+/// The answer to a request for `path` (the target without its query).
+fn respond(
+    method: &Method,
+    path: &str,
     handle: &PrometheusHandle,
-    health: &Health,
-) -> std::io::Result<()> {
-    let head = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await;
-    let response = match head {
-        Err(_) => return Ok(()), // Too slow: close without an answer.
-        Ok(head) => match head? {
-            Head::Complete(head) => respond(&head, handle, health),
-            Head::TooLarge => Response::text(431, "request head too large\n"),
-            Head::Closed => return Ok(()),
-        },
+    probe: &dyn Probe,
+) -> Response<Full<Bytes>> {
+    let known = matches!(path, "/metrics" | "/healthz" | "/readyz");
+    if known && method != Method::GET && method != Method::HEAD {
+        let mut response = answer(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n");
+        response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    // hyper leaves the body out of an answer to HEAD and keeps its length.
+    let probed = |outcome: Result<(), String>, ok: &'static str| match outcome {
+        Ok(()) => answer(StatusCode::OK, TEXT, ok),
+        Err(why) => answer(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("{why}\n")),
     };
-    tokio::time::timeout(WRITE_TIMEOUT, async {
-        stream.write_all(&response.into_bytes()).await?;
-        stream.shutdown().await
-    })
-    .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "writing the answer"))?
-}
-
-enum Head {
-    Complete(Vec<u8>),
-    TooLarge,
-    Closed,
-}
-
-/// Reads until the blank line that ends the request head, so that closing the connection does
-/// not reset it with unread bytes.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Head> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            // A client that sent a request line and closed its side still gets an answer.
-            return Ok(if head.contains(&b'\n') { Head::Complete(head) } else { Head::Closed });
-        }
-        head.extend_from_slice(&buf[..n]);
-        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
-            return Ok(Head::Complete(head));
-        }
-        if head.len() > MAX_REQUEST_BYTES {
-            return Ok(Head::TooLarge);
-        }
-    }
-}
-
-/// An HTTP answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
-    /// The status code.
-    pub status: u16,
-    /// The `Content-Type`.
-    pub content_type: &'static str,
-    /// The body (sent only for `GET`; `HEAD` gets its length).
-    pub body: String,
-    /// Whether the body is sent.
-    pub with_body: bool,
-    /// An `Allow` header, for 405.
-    pub allow: Option<&'static str>,
-}
-
-impl Response {
-    fn text(status: u16, body: impl Into<String>) -> Self {
-        Self {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body: body.into(),
-            with_body: true,
-            allow: None,
-        }
-    }
-
-    /// The status line, headers and body.
-    pub fn into_bytes(self) -> Vec<u8> {
-        let reason = match self.status {
-            200 => "OK",
-            400 => "Bad Request",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            431 => "Request Header Fields Too Large",
-            503 => "Service Unavailable",
-            _ => "",
-        };
-        let mut out = format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n",
-            self.status,
-            self.content_type,
-            self.body.len()
-        );
-        if let Some(allow) = self.allow {
-            out.push_str("Allow: ");
-            out.push_str(allow);
-            out.push_str("\r\n");
-        }
-        out.push_str("\r\n");
-        if self.with_body {
-            out.push_str(&self.body);
-        }
-        out.into_bytes()
-    }
-}
-
-/// The answer to a request head.
-pub fn respond(head: &[u8], handle: &PrometheusHandle, health: &Health) -> Response {
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_ascii_whitespace();
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Response::text(400, "bad request\n");
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Response::text(400, "bad request\n");
-    }
-    let path = target.split_once('?').map_or(target, |(path, _)| path);
-    let mut response = match path {
-        "/metrics" | "/healthz" | "/readyz" if method != "GET" && method != "HEAD" => {
-            let mut r = Response::text(405, "method not allowed\n");
-            r.allow = Some("GET, HEAD");
-            return r;
-        }
+    match path {
         "/metrics" => {
             handle.run_upkeep();
-            Response {
-                content_type: PROMETHEUS_CONTENT_TYPE,
-                ..Response::text(200, handle.render())
-            }
+            answer(StatusCode::OK, PROMETHEUS_CONTENT_TYPE, handle.render())
         }
-        "/healthz" => match health.live() {
-            Ok(()) => Response::text(200, "ok\n"),
-            Err(why) => Response::text(503, format!("{why}\n")),
-        },
-        "/readyz" => match health.ready() {
-            Ok(()) => Response::text(200, "ready\n"),
-            Err(why) => Response::text(503, format!("{why}\n")),
-        },
-        _ => Response::text(404, "not found; try /metrics, /healthz or /readyz\n"),
-    };
-    response.with_body = method != "HEAD";
+        "/healthz" => probed(probe.live(), "ok\n"),
+        "/readyz" => probed(probe.ready(), "ready\n"),
+        _ => answer(StatusCode::NOT_FOUND, TEXT, "not found; try /metrics, /healthz or /readyz\n"),
+    }
+}
+
+/// The content type of every answer but `/metrics`.
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// An answer that no cache keeps.
+fn answer(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 
@@ -403,6 +351,9 @@ pub fn respond(head: &[u8], handle: &PrometheusHandle, health: &Health) -> Respo
 mod tests {
     use super::*;
     use metrics::Recorder;
+    use std::net::SocketAddr;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     fn recorder() -> metrics_exporter_prometheus::PrometheusRecorder {
         PrometheusBuilder::new()
@@ -412,8 +363,32 @@ mod tests {
             .build_recorder()
     }
 
-    fn answer(request: &str, handle: &PrometheusHandle, health: &Health) -> String {
-        String::from_utf8(respond(request.as_bytes(), handle, health).into_bytes()).expect("utf-8")
+    /// Serves `handle` and `probe` on a free port of 127.0.0.1.
+    async fn start(
+        handle: PrometheusHandle,
+        probe: Arc<dyn Probe>,
+    ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        Ok((address, tokio::spawn(serve(listener, handle, probe))))
+    }
+
+    /// Sends `request` as is and reads the answer until the server closes the connection.
+    async fn exchange(address: SocketAddr, request: &[u8]) -> std::io::Result<String> {
+        let mut stream = TcpStream::connect(address).await?;
+        stream.write_all(request).await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        Ok(String::from_utf8_lossy(&answer).into_owned())
+    }
+
+    /// The value of header `name` in the answer's head.
+    fn header<'a>(answer: &'a str, name: &str) -> Option<&'a str> {
+        let (head, _) = answer.split_once("\r\n\r\n")?;
+        head.lines().skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name).then(|| value.trim())
+        })
     }
 
     #[test]
@@ -435,10 +410,9 @@ mod tests {
         assert!(health.live().is_err() && health.ready().is_err());
     }
 
-    #[test]
-    fn routes() {
+    #[tokio::test]
+    async fn routes_over_tcp() -> std::io::Result<()> {
         let recorder = recorder();
-        let handle = recorder.handle();
         let key =
             metrics::Key::from_parts(RECORDS_PROCESSED, vec![metrics::Label::new("stream", "s")]);
         let meta = metrics::Metadata::new("t", metrics::Level::INFO, None);
@@ -446,64 +420,93 @@ mod tests {
         let key = metrics::Key::from_parts(BATCH_LATENCY, vec![metrics::Label::new("stream", "s")]);
         recorder.register_histogram(&key, &meta).record(0.003);
         let (stop, stopping) = watch::channel(false);
-        let health = Health::new(1, stopping);
+        let health = Arc::new(Health::new(1, stopping));
+        let (address, server) = start(recorder.handle(), health.clone()).await?;
 
-        let metrics = answer("GET /metrics HTTP/1.0\r\n\r\n", &handle, &health);
-        assert!(metrics.starts_with("HTTP/1.1 200 OK\r\n"), "{metrics}");
-        assert!(metrics.contains("\r\nContent-Type: text/plain; version=0.0.4\r\n"), "{metrics}");
+        let metrics = exchange(address, b"GET /metrics HTTP/1.0\r\n\r\n").await?;
+        assert!(metrics.starts_with("HTTP/1.0 200 OK\r\n"), "{metrics}");
+        assert_eq!(header(&metrics, "content-type"), Some(PROMETHEUS_CONTENT_TYPE), "{metrics}");
+        assert_eq!(header(&metrics, "cache-control"), Some("no-store"), "{metrics}");
         assert!(
             metrics.contains("\nkinesis_host_records_processed_total{job=\"j\",stream=\"s\"} 7\n"),
             "{metrics}"
         );
+        // The histogram was folded into its buckets before the answer (run_upkeep).
         assert!(metrics.contains("kinesis_host_batch_latency_seconds_bucket{"), "{metrics}");
         assert!(metrics.contains("kinesis_host_batch_latency_seconds_count{"), "{metrics}");
-        let (head, body) = metrics.split_once("\r\n\r\n").expect("head");
-        assert!(head.contains(&format!("Content-Length: {}\r\n", body.len())), "{head}");
+        let (_, body) = metrics.split_once("\r\n\r\n").expect("head");
+        assert_eq!(header(&metrics, "content-length"), Some(body.len().to_string().as_str()));
 
-        let status = |request: &str| answer(request, &handle, &health)[..12].to_owned();
-        assert_eq!(status("GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"), "HTTP/1.1 503");
+        let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes();
+        let ready = exchange(address, &get("/readyz")).await?;
+        assert!(ready.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{ready}");
+        assert!(ready.ends_with("\r\n\r\nstarting: 0 of 1 input streams ready\n"), "{ready}");
+        assert_eq!(header(&ready, "connection"), Some("close"), "{ready}");
         health.worker_started();
-        assert_eq!(status("GET /readyz HTTP/1.1\r\n\r\n"), "HTTP/1.1 200");
-        assert_eq!(status("GET /healthz?verbose HTTP/1.1\n\n"), "HTTP/1.1 200");
-        assert_eq!(status("GET / HTTP/1.1\r\n\r\n"), "HTTP/1.1 404");
-        assert_eq!(status("GET /metricsx HTTP/1.1\r\n\r\n"), "HTTP/1.1 404");
-        assert_eq!(status("POST /metrics HTTP/1.1\r\n\r\n"), "HTTP/1.1 405");
-        assert_eq!(status("GET /metrics\r\n\r\n"), "HTTP/1.1 400");
-        assert_eq!(status("GET /metrics SPDY/3\r\n\r\n"), "HTTP/1.1 400");
-        assert_eq!(status("\r\n\r\n"), "HTTP/1.1 400");
-        let head_only = answer("HEAD /healthz HTTP/1.1\r\n\r\n", &handle, &health);
-        assert!(
-            head_only.ends_with(
-                "Content-Length: 3\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
-            ),
-            "{head_only}"
-        );
+        let ready = exchange(address, &get("/readyz")).await?;
+        assert!(ready.starts_with("HTTP/1.1 200 OK\r\n") && ready.ends_with("\r\nready\n"));
+        assert_eq!(header(&ready, "content-type"), Some("text/plain; charset=utf-8"));
+        let live = exchange(address, &get("/healthz?verbose")).await?;
+        assert!(live.starts_with("HTTP/1.1 200 OK\r\n") && live.ends_with("\r\n\r\nok\n"));
+
+        for path in ["/", "/metricsx", "/readyz/"] {
+            let missing = exchange(address, &get(path)).await?;
+            assert!(missing.starts_with("HTTP/1.1 404 Not Found\r\n"), "{path}: {missing}");
+            assert!(missing.ends_with("\r\n\r\nnot found; try /metrics, /healthz or /readyz\n"));
+        }
+        for request in [
+            "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            "DELETE /readyz HTTP/1.1\r\n\r\n",
+        ] {
+            let refused = exchange(address, request.as_bytes()).await?;
+            assert!(refused.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{refused}");
+            assert_eq!(header(&refused, "allow"), Some("GET, HEAD"), "{refused}");
+            assert_eq!(header(&refused, "cache-control"), Some("no-store"), "{refused}");
+        }
+
+        // HEAD: GET's head and length, no body.
+        let head_only = exchange(address, b"HEAD /healthz HTTP/1.1\r\n\r\n").await?;
+        assert!(head_only.starts_with("HTTP/1.1 200 OK\r\n"), "{head_only}");
+        assert_eq!(header(&head_only, "content-length"), Some("3"), "{head_only}");
+        assert_eq!(header(&head_only, "cache-control"), Some("no-store"), "{head_only}");
+        assert!(head_only.ends_with("\r\n\r\n"), "{head_only}");
+        let metrics_head = exchange(address, b"HEAD /metrics HTTP/1.1\r\n\r\n").await?;
+        assert_eq!(header(&metrics_head, "content-type"), Some(PROMETHEUS_CONTENT_TYPE));
+        assert!(metrics_head.ends_with("\r\n\r\n"), "{metrics_head}");
+
         stop.send_replace(true);
-        assert_eq!(status("GET /healthz HTTP/1.1\r\n\r\n"), "HTTP/1.1 503");
-        assert_eq!(status("GET /readyz HTTP/1.1\r\n\r\n"), "HTTP/1.1 503");
-        assert_eq!(status("GET /metrics HTTP/1.1\r\n\r\n"), "HTTP/1.1 200");
+        let live = exchange(address, &get("/healthz")).await?;
+        assert!(
+            live.starts_with("HTTP/1.1 503 ") && live.ends_with("\r\n\r\nstopping\n"),
+            "{live}"
+        );
+        let ready = exchange(address, &get("/readyz")).await?;
+        assert!(ready.starts_with("HTTP/1.1 503 ") && ready.ends_with("\r\n\r\nstopping\n"));
+        let metrics = exchange(address, &get("/metrics")).await?;
+        assert!(metrics.starts_with("HTTP/1.1 200 OK\r\n"), "{metrics}");
+        server.abort();
+        Ok(())
     }
 
     #[tokio::test]
-    async fn serves_over_tcp_and_bounds_the_request() -> std::io::Result<()> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let address = listener.local_addr()?;
+    async fn bounds_and_rejects_bad_requests() -> std::io::Result<()> {
         let (_stop, stopping) = watch::channel(false);
         let health = Arc::new(Health::new(0, stopping));
-        let server = tokio::spawn(serve(listener, recorder().handle(), health));
-        let exchange = |request: Vec<u8>| async move {
-            let mut stream = TcpStream::connect(address).await?;
-            stream.write_all(&request).await?;
-            let mut answer = String::new();
-            stream.read_to_string(&mut answer).await?;
-            std::io::Result::Ok(answer)
-        };
-        let ok = exchange(b"GET /readyz HTTP/1.0\r\n\r\n".to_vec()).await?;
-        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n") && ok.ends_with("\r\n\r\nready\n"), "{ok}");
+        let (address, server) = start(recorder().handle(), health).await?;
         let mut huge = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
         huge.resize(MAX_REQUEST_BYTES + 100, b'a');
-        let big = exchange(huge).await?;
-        assert!(big.starts_with("HTTP/1.1 431 "), "{big}");
+        let big = exchange(address, &huge).await?;
+        assert!(big.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"), "{big}");
+        for bad in ["GET /metrics\r\n\r\n", "GET /metrics SPDY/3\r\n\r\n", "GET\r\n\r\n"] {
+            let answer = exchange(address, bad.as_bytes()).await?;
+            assert!(answer.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{bad:?}: {answer}");
+        }
+        // A client that never finishes its request head is cut off (after READ_TIMEOUT), unanswered.
+        let slow = exchange(address, b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await?;
+        assert!(!slow.contains(" 200 "), "{slow}");
+        // The server still answers afterwards.
+        let ok = exchange(address, b"GET /readyz HTTP/1.0\r\n\r\n").await?;
+        assert!(ok.starts_with("HTTP/1.0 200 OK\r\n") && ok.ends_with("\r\n\r\nready\n"), "{ok}");
         server.abort();
         Ok(())
     }
