@@ -494,11 +494,14 @@ pub async fn run(
     clock: Arc<dyn Clock>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    run_gated(run, job, component, clock, shutdown, None).await
+    let health = Arc::new(Health::new(run.inputs.len(), shutdown.clone()));
+    run_gated(run, job, component, clock, shutdown, None, health).await
 }
 
-/// [`run`], with every wasm call of the job going through `gate`: how `serve` runs each of its
-/// jobs (with `metrics.address` unset, as `serve` has one endpoint for all of them).
+/// [`run`], with every wasm call of the job going through `gate` and its workers reported to
+/// `health` (made for `run.inputs.len()` inputs): how `serve` runs each of its jobs (with
+/// `metrics.address` unset, as `serve` has one endpoint for all of them, whose `/readyz` asks
+/// each job's `health`).
 ///
 /// # Errors
 /// As [`run`].
@@ -509,6 +512,7 @@ pub async fn run_gated(
     clock: Arc<dyn Clock>,
     shutdown: tokio::sync::watch::Receiver<bool>,
     gate: Option<Arc<CpuGate>>,
+    health: Arc<Health>,
 ) -> anyhow::Result<()> {
     let worker_id = format!(
         "{}-{}",
@@ -516,7 +520,6 @@ pub async fn run_gated(
         uuid::Uuid::new_v4()
     );
     tracing::info!(worker_id, job = %run.job_name, "Starting.");
-    let health = Arc::new(Health::new(run.inputs.len(), shutdown.clone()));
     let server = match &job.metrics_address {
         Some(address) => Some(serve_metrics(address, &run.job_name, health.clone()).await?),
         None => None,

@@ -27,6 +27,10 @@
 //! engine meters fuel, since fuel metering is an engine-wide setting that slows every guest.
 //! All jobs share one metrics endpoint and one CPU gate ([`crate::fairness`]). Everything else
 //! is the job's own: AWS clients and credentials, lease workers, task instances and limits.
+//!
+//! **Health.** `/healthz` is 200 while the host serves; `/readyz` is 200 once every job that
+//! runs has started all its input streams' workers, and 503 naming the jobs that are not there
+//! yet or no longer (validating, swapping, starting, failed): see [`JobsHealth`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -40,7 +44,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::config::{ConfigError, JobConfig};
 use crate::fairness::{CpuGate, FairnessConfig};
-use crate::metrics::Health;
+use crate::metrics::{Health, Probe};
 use crate::samza::RunConfig;
 
 /// The gauge of jobs by `state`: `running`, `invalid` or `failed`.
@@ -332,6 +336,125 @@ struct Running {
 /// A job's run ended: folder, generation, outcome.
 type Ended = (String, u64, Result<(), String>);
 
+/// `/healthz` and `/readyz` of `serve`, over all its jobs.
+///
+/// Live while the host serves (until it is told to stop): one job's failure is that job's, and
+/// must not get the host that serves the others restarted. Ready once the jobs folder has been
+/// scanned and every job whose files are valid runs with all its input streams' workers started;
+/// not while a job is being validated, waits for its previous version to stop, starts, or has
+/// ended (failed) and waits for a change or `SIGHUP`. Folders whose files are rejected count for
+/// nothing (they are reported by the log and `kinesis_host_serve_jobs{state="invalid"}`); when a
+/// previous version of such a job runs, that version counts.
+#[derive(Debug)]
+pub struct JobsHealth {
+    stopping: watch::Receiver<bool>,
+    state: Mutex<JobsState>,
+}
+
+#[derive(Debug, Default)]
+struct JobsState {
+    /// Whether the first scan of the jobs folder is done.
+    scanned: bool,
+    /// By job folder.
+    jobs: BTreeMap<String, JobState>,
+}
+
+/// Where one job folder's job stands, for `/readyz`.
+#[derive(Debug, Clone)]
+pub enum JobState {
+    /// The folder's files are being validated (no version of the job runs).
+    Validating,
+    /// The job's new version waits for its previous version, or a job whose name or lease table
+    /// it takes, to stop.
+    Swapping {
+        /// `job.name`.
+        job: String,
+    },
+    /// A version runs: ready once `health` is.
+    Running {
+        /// `job.name`.
+        job: String,
+        /// Its workers.
+        health: Arc<Health>,
+    },
+    /// The job ended without being asked to: with an error, or `None` when it stopped by itself.
+    Ended {
+        /// `job.name`.
+        job: String,
+        /// Why.
+        error: Option<String>,
+    },
+}
+
+impl JobsHealth {
+    /// The health of a host that stops once `stopping` is true; not ready until [`Self::scanned`].
+    pub fn new(stopping: watch::Receiver<bool>) -> Self {
+        Self { stopping, state: Mutex::new(JobsState::default()) }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, JobsState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The jobs folder has been scanned and every job in it validated and started (or rejected).
+    pub fn scanned(&self) {
+        self.state().scanned = true;
+    }
+
+    /// Where the job of `folder` stands now.
+    pub fn set(&self, folder: &str, state: JobState) {
+        self.state().jobs.insert(folder.to_owned(), state);
+    }
+
+    /// The folder is gone, or its files are rejected while no version of it runs.
+    pub fn forget(&self, folder: &str) {
+        self.state().jobs.remove(folder);
+    }
+}
+
+impl Probe for JobsHealth {
+    fn live(&self) -> Result<(), String> {
+        if *self.stopping.borrow() { Err("stopping".to_owned()) } else { Ok(()) }
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        self.live()?;
+        let state = self.state();
+        if !state.scanned {
+            return Err("starting: scanning the jobs folder".to_owned());
+        }
+        let waiting: Vec<String> = state
+            .jobs
+            .iter()
+            .filter_map(|(folder, job)| {
+                let (name, why) = match job {
+                    JobState::Validating => {
+                        return Some(format!("job folder {folder}: validating its files"));
+                    }
+                    JobState::Swapping { job } => {
+                        (job, "swapping: waiting for the version it replaces to stop".to_owned())
+                    }
+                    JobState::Running { job, health } => (job, health.ready().err()?),
+                    JobState::Ended { job, error: Some(error) } => (
+                        job,
+                        format!(
+                            "failed (retried when its files change or on SIGHUP): {}",
+                            error.replace('\n', " ")
+                        ),
+                    ),
+                    JobState::Ended { job, error: None } => (
+                        job,
+                        "stopped by itself (restarts when its files change or on SIGHUP)"
+                            .to_owned(),
+                    ),
+                };
+                Some(format!("job {name:?} (folder {folder}): {why}"))
+            })
+            .collect();
+        if waiting.is_empty() { Ok(()) } else { Err(waiting.join("\n")) }
+    }
+}
+
 /// The supervisor: the jobs, the shared runtimes and the CPU gate.
 struct Supervisor {
     config: ServeConfig,
@@ -343,6 +466,7 @@ struct Supervisor {
     next_generation: u64,
     ended: mpsc::UnboundedSender<Ended>,
     digests: Digests,
+    health: Arc<JobsHealth>,
 }
 
 /// Runs every job of `config.jobs_dir` until `shutdown` becomes true, then stops them all
@@ -360,8 +484,9 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let dir = config.jobs_dir.clone();
     std::fs::read_dir(&dir).map_err(|source| ServeError::JobsDir { path: dir.clone(), source })?;
+    let health = Arc::new(JobsHealth::new(shutdown.clone()));
     let server = match &config.metrics_address {
-        Some(address) => Some(serve_metrics(address, shutdown.clone()).await?),
+        Some(address) => Some(serve_metrics(address, health.clone()).await?),
         None => None,
     };
     // File changes, debounced, wake the loop like SIGHUP does (but retry nothing unchanged).
@@ -394,10 +519,12 @@ pub async fn serve(
         next_generation: 0,
         ended: ended_tx,
         digests: Digests::default(),
+        health,
     };
     let gate = supervisor.gate.config();
     tracing::info!(jobs = %dir.display(), max_concurrent_calls = gate.max_concurrent_calls, penalty_factor = gate.penalty_factor, "Serving jobs.");
     supervisor.reconcile(false).await;
+    supervisor.health.scanned();
     loop {
         if *shutdown.borrow() {
             break;
@@ -426,7 +553,7 @@ pub async fn serve(
 
 async fn serve_metrics(
     address: &str,
-    stopping: watch::Receiver<bool>,
+    health: Arc<JobsHealth>,
 ) -> Result<tokio::task::JoinHandle<()>, ServeError> {
     let failed = |message: String| ServeError::Metrics { address: address.to_owned(), message };
     let handle = crate::metrics::install_for_jobs().map_err(|e| failed(e.to_string()))?;
@@ -434,8 +561,6 @@ async fn serve_metrics(
         tokio::net::TcpListener::bind(address).await.map_err(|e| failed(e.to_string()))?;
     let local = listener.local_addr().map_or_else(|_| address.to_owned(), |a| a.to_string());
     tracing::info!(address = %local, "Serving /metrics, /healthz and /readyz.");
-    // Health of the host itself: jobs come and go, and one job's failure is that job's.
-    let health = Arc::new(Health::new(0, stopping));
     Ok(tokio::spawn(crate::metrics::serve(listener, handle, health)))
 }
 
@@ -542,6 +667,7 @@ impl Supervisor {
         let gone: Vec<String> =
             self.slots.keys().filter(|f| !folders.contains_key(*f)).cloned().collect();
         for folder in gone {
+            self.health.forget(&folder);
             if let Some(slot) = self.slots.remove(&folder) {
                 if let Some(running) = slot.running {
                     tracing::info!(folder, job = %running.job_name, "Job folder removed: stopping the job.");
@@ -582,6 +708,9 @@ impl Supervisor {
             if unchanged && (healthy || !retry) {
                 continue;
             }
+            if slot.is_none_or(|s| s.running.is_none()) {
+                self.health.set(&folder, JobState::Validating);
+            }
             match self.prepare(&folder, &files, &claims).await {
                 Ok(prepared) => {
                     claims.insert(
@@ -613,6 +742,9 @@ impl Supervisor {
                             || !r.tables.is_disjoint(&prepared.tables)
                     })
             });
+        for (folder, _, prepared) in &later {
+            self.health.set(folder, JobState::Swapping { job: prepared.job.job_name.clone() });
+        }
         for (folder, fingerprint, prepared) in now {
             self.start(&folder, fingerprint, prepared);
         }
@@ -640,6 +772,10 @@ impl Supervisor {
         slot.seen = fingerprint;
         slot.problem = Some(Problem::Invalid);
         let keeps = slot.running.as_ref().map(|r| r.job_name.clone());
+        if keeps.is_none() {
+            // Readiness concerns the jobs that run; this one is reported below.
+            self.health.forget(folder);
+        }
         match keeps {
             Some(job) => {
                 tracing::error!(folder, %error, running = %job, "Job files rejected; the previous version keeps running. Fix the files to retry.")
@@ -736,13 +872,17 @@ impl Supervisor {
         let job_name = job.job_name.clone();
         self.gate.starting(&job_name);
         let (stop, stopped) = watch::channel(false);
+        let health = Arc::new(Health::new(run.inputs.len(), stopped.clone()));
+        self.health
+            .set(folder, JobState::Running { job: job_name.clone(), health: health.clone() });
         let (clock, gate, ended) = (self.clock.clone(), self.gate.clone(), self.ended.clone());
         let folder_name = folder.to_owned();
         tracing::info!(folder, job = %job_name, component = %component.path().display(), "Starting job.");
         let handle = tokio::spawn(async move {
-            let outcome = crate::run::run_gated(run, job, component, clock, stopped, Some(gate))
-                .await
-                .map_err(|e| format!("{e:#}"));
+            let outcome =
+                crate::run::run_gated(run, job, component, clock, stopped, Some(gate), health)
+                    .await
+                    .map_err(|e| format!("{e:#}"));
             let _ = ended.send((folder_name, generation, outcome));
         });
         let running = Running { job_name, tables, generation, stop, handle };
@@ -785,6 +925,8 @@ impl Supervisor {
         let job = running.map(|r| r.job_name).unwrap_or_default();
         // It no longer shares the CPU gate's slots with the others.
         self.gate.unregister(&job);
+        let error = outcome.as_ref().err().cloned();
+        self.health.set(folder, JobState::Ended { job: job.clone(), error });
         match outcome {
             Ok(()) => {
                 tracing::warn!(
@@ -825,6 +967,81 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ready_once_every_running_job_has_started_all_its_inputs() {
+        let (stop, stopping) = watch::channel(false);
+        let jobs = JobsHealth::new(stopping);
+        assert_eq!(jobs.live(), Ok(()));
+        assert_eq!(jobs.ready(), Err("starting: scanning the jobs folder".to_owned()));
+        jobs.scanned();
+        // No job at all: the host does all it has to.
+        assert_eq!(jobs.ready(), Ok(()));
+
+        jobs.set("new", JobState::Validating);
+        assert_eq!(jobs.ready(), Err("job folder new: validating its files".to_owned()));
+        // Rejected files: the folder no longer counts.
+        jobs.forget("new");
+        assert_eq!(jobs.ready(), Ok(()));
+
+        let (_job_stop, job_stopping) = watch::channel(false);
+        let orders = Arc::new(Health::new(2, job_stopping.clone()));
+        let users = Arc::new(Health::new(1, job_stopping));
+        jobs.set("orders-dir", JobState::Running { job: "orders".into(), health: orders.clone() });
+        jobs.set("users", JobState::Running { job: "users".into(), health: users.clone() });
+        assert_eq!(
+            jobs.ready(),
+            Err("job \"orders\" (folder orders-dir): starting: 0 of 2 input streams ready\n\
+                 job \"users\" (folder users): starting: 0 of 1 input streams ready"
+                .to_owned())
+        );
+        users.worker_started();
+        orders.worker_started();
+        assert_eq!(
+            jobs.ready(),
+            Err("job \"orders\" (folder orders-dir): starting: 1 of 2 input streams ready"
+                .to_owned())
+        );
+        orders.worker_started();
+        assert_eq!(jobs.ready(), Ok(()));
+
+        // A new version waiting for the old one to stop is not ready.
+        jobs.set("users", JobState::Swapping { job: "users".into() });
+        assert_eq!(
+            jobs.ready(),
+            Err("job \"users\" (folder users): swapping: waiting for the version it replaces to stop"
+                .to_owned())
+        );
+        jobs.set("users", JobState::Running { job: "users".into(), health: users.clone() });
+        assert_eq!(jobs.ready(), Ok(()));
+
+        // A worker that failed: the job is not ready, the host stays live for the others.
+        users.worker_failed();
+        assert_eq!(
+            jobs.ready(),
+            Err("job \"users\" (folder users): an input stream's worker stopped with an error"
+                .to_owned())
+        );
+        jobs.set(
+            "users",
+            JobState::Ended { job: "users".into(), error: Some("stream s:\nnot found".into()) },
+        );
+        let why = jobs.ready().expect_err("a failed job");
+        assert_eq!(
+            why,
+            "job \"users\" (folder users): failed (retried when its files change or on SIGHUP): stream s: not found"
+        );
+        assert_eq!(jobs.live(), Ok(()));
+        jobs.set("users", JobState::Ended { job: "users".into(), error: None });
+        assert!(jobs.ready().is_err_and(|why| why.contains("stopped by itself")));
+        // Its folder removed: ready again.
+        jobs.forget("users");
+        assert_eq!(jobs.ready(), Ok(()));
+
+        stop.send_replace(true);
+        assert_eq!(jobs.live(), Err("stopping".to_owned()));
+        assert_eq!(jobs.ready(), Err("stopping".to_owned()));
+    }
 
     #[test]
     fn a_job_folder_needs_properties_and_exactly_one_component() {
