@@ -2,7 +2,7 @@
 //! host, where the hostile ones (an endless loop, a memory bomb, panics, an emit flood, a log
 //! flood, a sandbox prober) cannot keep the well-behaved ones from processing every record
 //! exactly once; and jobs added, rejected, fixed, replaced, removed, failed and retried on
-//! SIGHUP while the host runs.
+//! SIGHUP while the host runs; and `/readyz` following the jobs that run.
 
 #[path = "common/aws.rs"]
 mod aws;
@@ -389,4 +389,61 @@ fn jobs_are_added_rejected_fixed_replaced_removed_and_retried_while_serving() {
     let all_b: Vec<_> = sent_b.iter().chain(&more_b).cloned().collect();
     assert_exactly_once(&read_all(&c, out_b), &all_b, "beta");
     assert!(owners(&c, "beta-1-serve-c-in-b").is_empty(), "beta released on SIGTERM");
+}
+
+#[test]
+fn ready_once_every_valid_job_runs_whatever_the_invalid_ones() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let jobs = dir.path().join("jobs");
+    std::fs::create_dir(&jobs).expect("jobs folder");
+    let (in_s, out_s) = ("serve-r-in-steady", "serve-r-out-steady");
+    let (in_l, out_l) = ("serve-r-in-late", "serve-r-out-late");
+    for stream in [in_s, out_s] {
+        create_stream(&c, stream, 1);
+    }
+    add_job(&jobs, "steady", "echo-task", in_s, out_s, "");
+    // Its input stream does not exist yet: the job fails, and waits for SIGHUP.
+    add_job(&jobs, "late", "echo-task", in_l, out_l, "");
+    // Rejected files: reported, never a reason to be unready.
+    add_job(&jobs, "broken", "echo-task", in_s, out_s, "task.limits.memory.bytes=lots\n");
+    let log = dir.path().join("serve.log");
+    let serve = Serve::start(&jobs, &log);
+
+    // While "late" cannot run the host is not ready, whatever the moment; once "steady" runs,
+    // "late" is the only reason given.
+    let late_only = |s: &Serve| {
+        let (code, body) = s.try_get("/readyz").expect("/readyz answers");
+        assert_eq!(code, 503, "ready while a job cannot run: {body}");
+        assert!(!body.contains("broken"), "the invalid job counted: {body}");
+        body.lines().count() == 1 && body.starts_with("job \"late\" (folder late): failed ")
+    };
+    serve.wait_until(late_only, "only the failed job named by /readyz");
+    let (_, body) = serve.try_get("/readyz").expect("/readyz answers");
+    assert!(body.contains(in_l), "the failure names the missing stream: {body}");
+    assert!(serve.log_text().contains("Job files rejected"), "{}", serve.log_text());
+    serve.assert_healthy();
+
+    // Once its stream exists, SIGHUP retries it, and the host becomes ready.
+    create_stream(&c, in_l, 1);
+    create_stream(&c, out_l, 1);
+    let pid = serve.child.id().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().expect("kill").success());
+    let mut last = None;
+    serve.wait_until(
+        |s| {
+            let answer = s.try_get("/readyz");
+            if answer != last {
+                eprintln!("/readyz: {answer:?}");
+                last = answer.clone();
+            }
+            answer == Some((200, "ready\n".to_owned()))
+        },
+        "ready",
+    );
+    serve.assert_healthy();
+    let sent = numbered(2, 3, 0);
+    put(&c, in_l, &sent);
+    wait_for_records(&c, out_l, sent.len(), &log);
+    serve.stop();
 }

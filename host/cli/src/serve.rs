@@ -766,16 +766,16 @@ impl Supervisor {
             running: None,
             problem: None,
         });
+        if slot.running.is_none() {
+            // Readiness concerns the jobs that run; this one is reported (below, or before).
+            self.health.forget(folder);
+        }
         if slot.seen == fingerprint && slot.problem == Some(Problem::Invalid) {
             return; // reported already
         }
         slot.seen = fingerprint;
         slot.problem = Some(Problem::Invalid);
         let keeps = slot.running.as_ref().map(|r| r.job_name.clone());
-        if keeps.is_none() {
-            // Readiness concerns the jobs that run; this one is reported below.
-            self.health.forget(folder);
-        }
         match keeps {
             Some(job) => {
                 tracing::error!(folder, %error, running = %job, "Job files rejected; the previous version keeps running. Fix the files to retry.")
