@@ -184,7 +184,7 @@ fn describe() {
     );
 }
 
-/// Liveness and readiness of `run`.
+/// Liveness and readiness of `run`, and of each job of `serve` (see [`crate::serve::JobsHealth`]).
 #[derive(Debug)]
 pub struct Health {
     inputs: usize,
