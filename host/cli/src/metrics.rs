@@ -257,7 +257,7 @@ impl Probe for Health {
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the future is dropped, and
-/// folds histograms into their buckets every [`UPKEEP_INTERVAL`].
+/// folds histograms into their buckets every 5 s (and before every scrape).
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle, probe: Arc<dyn Probe>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut upkeep = tokio::time::interval(UPKEEP_INTERVAL);
