@@ -14,6 +14,7 @@ mod emulators;
 use std::time::Duration;
 
 use aws::*;
+use common::{free_address, http_get, samples};
 use kinesis_host_coordinator::aws::AwsClients;
 use kinesis_host_coordinator::efo::FanOut;
 
@@ -68,24 +69,8 @@ fn put_slowly(
 
 /// The sum of the samples of metric `name` for input `stream`, from the host's `/metrics`.
 fn metric(address: &str, name: &str, stream: &str) -> f64 {
-    use std::io::{Read, Write};
-    let mut connection = std::net::TcpStream::connect(address).expect("connect to metrics.address");
-    connection.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
-    write!(connection, "GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n").expect("request");
-    let mut answer = String::new();
-    connection.read_to_string(&mut answer).expect("the answer");
-    let label = format!("stream=\"{stream}\"");
-    answer
-        .lines()
-        .filter_map(|line| {
-            let (labels, value) = line.strip_prefix(name)?.strip_prefix('{')?.split_once("} ")?;
-            labels.split(',').any(|l| l == label).then(|| value.trim().parse::<f64>().ok())?
-        })
-        .sum()
-}
-
-fn log_text(log: &std::path::Path) -> String {
-    std::fs::read_to_string(log).unwrap_or_default()
+    let (_, _, exposition) = http_get(address, "/metrics");
+    samples(&exposition, name, &[("stream", stream)]).sum()
 }
 
 #[test]
@@ -93,15 +78,10 @@ fn every_record_once_and_in_order_across_forced_resubscriptions() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("efo-resub-in", "efo-resub-out");
-    create_stream(&c, input, 2);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 2), (output, 1)]);
     let before = numbered(4, 2, 0);
     put(&c, input, &before);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let address = format!("127.0.0.1:{port}");
+    let address = free_address();
     let extra = format!("{}metrics.address={address}\n", fan_out(2000));
     let config = job_properties(dir.path(), "efo-resub", input, output, &extra);
     let log = dir.path().join("host.log");
@@ -116,8 +96,7 @@ fn every_record_once_and_in_order_across_forced_resubscriptions() {
     let after = read_all(&c, output);
     let subscriptions = metric(&address, "kinesis_host_efo_subscriptions_total", input);
     let processed = metric(&address, "kinesis_host_records_processed_total", input);
-    let status = host.stop();
-    assert!(status.success(), "exit {status}; log:\n{}", log_text(&log));
+    host.stop_cleanly(&log);
     assert_eq!(got.len(), sent.len(), "each record exactly once; log:\n{}", log_text(&log));
     assert_eq!(after.len(), sent.len(), "nothing delivered again later");
     assert_eq!(by_key(&got), by_key(&sent), "in order per key");
@@ -140,8 +119,7 @@ fn a_split_during_consumption_hands_over_to_the_children_exactly_once() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("efo-split-in", "efo-split-out");
-    create_stream(&c, input, 1);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 1), (output, 1)]);
     let extra = format!(
         "{}systems.kinesis.aws.kcl.CleanupLeasesUponShardCompletion=false\n",
         fan_out(3000)
@@ -154,13 +132,12 @@ fn a_split_during_consumption_hands_over_to_the_children_exactly_once() {
     wait_for_records(&c, output, first.len(), &log);
 
     let parent = split(&c, input);
-    wait_active(&c, input);
     let second = numbered(8, 2, 2);
     put(&c, input, &second);
     let mut sent = first.clone();
     sent.extend(second);
     let got = wait_for_records(&c, output, sent.len(), &log);
-    assert!(host.stop().success(), "log:\n{}", log_text(&log));
+    host.stop_cleanly(&log);
     assert_eq!(got.len(), sent.len(), "each record exactly once; log:\n{}", log_text(&log));
     assert_eq!(by_key(&got), by_key(&sent), "per key, the parent's records before the children's");
 
@@ -187,15 +164,14 @@ fn a_restart_after_a_graceful_stop_resumes_at_the_checkpoint_without_duplicates(
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("efo-restart-in", "efo-restart-out");
-    create_stream(&c, input, 2);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 2), (output, 1)]);
     let first = numbered(6, 3, 0);
     put(&c, input, &first);
     let config = job_properties(dir.path(), "efo-restart", input, output, &fan_out(290_000));
     let log = dir.path().join("host.log");
     let host = Host::start(&config, &log);
     wait_for_records(&c, output, first.len(), &log);
-    assert!(host.stop().success(), "log:\n{}", log_text(&log));
+    host.stop_cleanly(&log);
 
     let second = numbered(6, 3, 3);
     put(&c, input, &second);
@@ -207,7 +183,7 @@ fn a_restart_after_a_graceful_stop_resumes_at_the_checkpoint_without_duplicates(
     // Whatever the host still had in flight is sent before a graceful stop ends: nothing more
     // may have come.
     wait_for_log(&log2, "Subscribed to shard.", 2);
-    assert!(host.stop().success(), "log:\n{}", log_text(&log2));
+    host.stop_cleanly(&log2);
     let after = read_all(&c, output);
     assert_eq!(got.len(), sent.len(), "exactly once; second log:\n{}", log_text(&log2));
     assert_eq!(after.len(), sent.len(), "exactly once; second log:\n{}", log_text(&log2));
@@ -250,8 +226,7 @@ fn a_checkpoint_inside_a_kpl_aggregate_resumes_with_its_next_user_record() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output, table) = ("efo-kpl-in", "efo-kpl-out", "efo-kpl-table");
-    create_stream(&c, input, 1);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 1), (output, 1)]);
     let users: Vec<(String, String)> =
         (0..5).map(|i| ("kpl-key".to_owned(), format!("user record {i}"))).collect();
     let entries: Vec<AggregateEntry<'_>> = users
@@ -303,7 +278,7 @@ fn a_checkpoint_inside_a_kpl_aggregate_resumes_with_its_next_user_record() {
     // A record written now comes after them, once.
     put(&c, input, &[("kpl-key".to_owned(), "plain record".to_owned())]);
     let got_after = wait_for_records(&c, output, 3, &log);
-    assert!(host.stop().success(), "log:\n{}", log_text(&log));
+    host.stop_cleanly(&log);
     assert_eq!(got, users[3..].to_vec(), "log:\n{}", log_text(&log));
     let mut expected = users[3..].to_vec();
     expected.push(("kpl-key".to_owned(), "plain record".to_owned()));
@@ -316,8 +291,7 @@ fn a_consumer_deregistered_while_the_job_runs_is_registered_again() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("efo-dereg-in", "efo-dereg-out");
-    create_stream(&c, input, 1);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 1), (output, 1)]);
     // Short failover: a stopped shard is retried after twice this.
     let extra = format!("{}systems.kinesis.aws.kcl.FailoverTimeMillis=3000\n", fan_out(2000));
     let config = job_properties(dir.path(), "efo-dereg", input, output, &extra);
@@ -344,7 +318,7 @@ fn a_consumer_deregistered_while_the_job_runs_is_registered_again() {
     sent.extend(second);
     let got = wait_for_records(&c, output, sent.len(), &log);
     wait_for_log(&log, "Registered the enhanced fan-out consumer.", 2);
-    assert!(host.stop().success(), "log:\n{}", log_text(&log));
+    host.stop_cleanly(&log);
     assert_eq!(got.len(), sent.len(), "each record exactly once; log:\n{}", log_text(&log));
     assert_eq!(by_key(&got), by_key(&sent));
     assert_eq!(consumers(&c, input), vec!["efo-dereg-1".to_owned()], "registered again");

@@ -51,24 +51,15 @@ pub fn create_stream(c: &AwsClients, name: &str, shards: i32) {
             .send()
             .await
             .expect("CreateStream");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let d = c
-                .kinesis
-                .describe_stream_summary()
-                .stream_name(name)
-                .send()
-                .await
-                .expect("Describe");
-            let status =
-                d.stream_description_summary().map(|s| s.stream_status().as_str().to_owned());
-            if status.as_deref() == Some("ACTIVE") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "stream {name} never became ACTIVE");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     });
+    wait_active(c, name);
+}
+
+/// Creates each `(stream, shards)` with [`create_stream`].
+pub fn create_streams(c: &AwsClients, streams: &[(&str, i32)]) {
+    for (name, shards) in streams {
+        create_stream(c, name, *shards);
+    }
 }
 
 /// Puts `(partition key, data)` records one by one (so per-key order is the put order);
@@ -213,6 +204,12 @@ impl Host {
         self.0.id().to_string()
     }
 
+    /// [`Host::stop`], asserting that the host exited successfully (showing its `log` if not).
+    pub fn stop_cleanly(self, log: &std::path::Path) {
+        let status = self.stop();
+        assert!(status.success(), "exit {status}; log:\n{}", log_text(log));
+    }
+
     /// SIGTERM, then waits (bounded) for a clean exit.
     pub fn stop(mut self) -> std::process::ExitStatus {
         let pid = self.0.id().to_string();
@@ -252,10 +249,27 @@ pub fn wait_for_records(
             Instant::now() < deadline,
             "only {} of {n} records reached {stream}; host log:\n{}",
             got.len(),
-            std::fs::read_to_string(log).unwrap_or_default()
+            log_text(log)
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Runs `echo-task` with `config` (its log in `log`) until `output` holds as many records as were
+/// `sent`, stops it cleanly, and asserts that each record sent came out exactly once, in order per
+/// partition key (with one output shard). Returns what came out.
+pub fn echo_exactly_once(
+    c: &AwsClients,
+    config: &std::path::Path,
+    log: &std::path::Path,
+    output: &str,
+    sent: &[(String, String)],
+) -> Vec<(String, String)> {
+    let host = Host::start(config, log);
+    let got = wait_for_records(c, output, sent.len(), log);
+    host.stop_cleanly(log);
+    assert_eq!(by_key(&got), by_key(sent), "each record once, in order per key");
+    got
 }
 
 pub fn numbered(keys: usize, per_key: usize, from: usize) -> Vec<(String, String)> {
@@ -275,6 +289,11 @@ pub fn by_key(records: &[(String, String)]) -> BTreeMap<String, Vec<String>> {
     map
 }
 
+/// The host log's text so far (empty when there is none yet).
+pub fn log_text(log: &std::path::Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
 /// Waits (bounded) until the host log contains `pattern` at least `n` times.
 pub fn wait_for_log(log: &std::path::Path, pattern: &str, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -288,9 +307,10 @@ pub fn wait_for_log(log: &std::path::Path, pattern: &str, n: usize) {
     }
 }
 
-/// Splits the stream's first shard at the middle of the hash range; returns the parent's id.
+/// Splits the stream's first shard at the middle of the hash range and waits until the stream is
+/// active again; returns the parent's id.
 pub fn split(c: &AwsClients, stream: &str) -> String {
-    rt().block_on(async {
+    let parent = rt().block_on(async {
         let shards = c.kinesis.list_shards().stream_name(stream).send().await.expect("ListShards");
         let parent = shards.shards()[0].shard_id().to_owned();
         c.kinesis
@@ -302,9 +322,28 @@ pub fn split(c: &AwsClients, stream: &str) -> String {
             .await
             .expect("SplitShard");
         parent
-    })
+    });
+    wait_active(c, stream);
+    parent
 }
 
+/// Merges the two adjacent shards `shards` of `stream` and waits until it is active again.
+pub fn merge(c: &AwsClients, stream: &str, shards: &[String]) {
+    let [a, b] = shards else { panic!("merge takes two shards, not {shards:?}") };
+    rt().block_on(async {
+        c.kinesis
+            .merge_shards()
+            .stream_name(stream)
+            .shard_to_merge(a)
+            .adjacent_shard_to_merge(b)
+            .send()
+            .await
+            .expect("MergeShards");
+    });
+    wait_active(c, stream);
+}
+
+/// Waits (bounded) until `stream` is `ACTIVE`.
 pub fn wait_active(c: &AwsClients, stream: &str) {
     rt().block_on(async {
         let deadline = Instant::now() + Duration::from_secs(30);
