@@ -495,6 +495,8 @@ fn one_job_consumes_several_input_streams() {
 
 #[path = "common/faults.rs"]
 mod faults;
+#[path = "common/http_proxy.rs"]
+mod http_proxy;
 
 #[test]
 fn throttling_and_transient_faults_are_survived() {
