@@ -74,6 +74,19 @@ pub fn kinesis_host() -> Command {
     cmd
 }
 
+/// A `kinesis-host replay --log warn` command: guest `task` on the records in `input`, with the
+/// job.properties `config`.
+pub fn replay(task: &str, input: &Path, config: &Path) -> Command {
+    let mut cmd = kinesis_host();
+    cmd.args(["replay", "--log", "warn"])
+        .arg(guest(task))
+        .arg("--input")
+        .arg(input)
+        .arg("--config")
+        .arg(config);
+    cmd
+}
+
 /// Runs `cmd` and returns its output, with stdout and stderr as text.
 pub fn run(cmd: &mut Command) -> (Output, String, String) {
     let output = cmd.output().expect("kinesis-host runs");
