@@ -26,8 +26,8 @@ fn fan_out(resubscribe_ms: u64) -> String {
     )
 }
 
-/// The consumers registered on `stream`, by name.
-fn consumers(c: &AwsClients, stream: &str) -> Vec<String> {
+/// The ARN of `stream`.
+fn stream_arn(c: &AwsClients, stream: &str) -> String {
     rt().block_on(async {
         let summary = c
             .kinesis
@@ -36,7 +36,14 @@ fn consumers(c: &AwsClients, stream: &str) -> Vec<String> {
             .send()
             .await
             .expect("DescribeStreamSummary");
-        let arn = summary.stream_description_summary().expect("summary").stream_arn().to_owned();
+        summary.stream_description_summary().expect("summary").stream_arn().to_owned()
+    })
+}
+
+/// The consumers registered on `stream`, by name.
+fn consumers(c: &AwsClients, stream: &str) -> Vec<String> {
+    let arn = stream_arn(c, stream);
+    rt().block_on(async {
         let out = c
             .kinesis
             .list_stream_consumers()
@@ -127,36 +134,23 @@ fn a_split_during_consumption_hands_over_to_the_children_exactly_once() {
     let config = job_properties(dir.path(), "efo-split", input, output, &extra);
     let log = dir.path().join("host.log");
     let host = Host::start(&config, &log);
-    let first = numbered(8, 2, 0);
-    put(&c, input, &first);
-    wait_for_records(&c, output, first.len(), &log);
+    let mut sent = Vec::new();
+    put_and_wait(&c, input, numbered(8, 2, 0), &mut sent, output, &log);
 
     let parent = split(&c, input);
-    let second = numbered(8, 2, 2);
-    put(&c, input, &second);
-    let mut sent = first.clone();
-    sent.extend(second);
-    let got = wait_for_records(&c, output, sent.len(), &log);
+    let got = put_and_wait(&c, input, numbered(8, 2, 2), &mut sent, output, &log);
     host.stop_cleanly(&log);
     assert_eq!(got.len(), sent.len(), "each record exactly once; log:\n{}", log_text(&log));
     assert_eq!(by_key(&got), by_key(&sent), "per key, the parent's records before the children's");
 
     // The parent ended with SHARD_END and names both children, as with polling.
-    let items = lease_items(&c, "efo-split-1-efo-split-in");
-    let parent_item = items
-        .iter()
-        .find(|i| i.get("leaseKey").and_then(|v| v.as_s().ok()) == Some(&parent))
-        .unwrap_or_else(|| panic!("no lease of {parent}: {items:?}"));
-    assert_eq!(
-        parent_item.get("checkpoint").and_then(|v| v.as_s().ok()).map(String::as_str),
-        Some("SHARD_END")
-    );
-    let mut named: Vec<String> =
-        parent_item.get("childShardIds").and_then(|v| v.as_ss().ok()).cloned().unwrap_or_default();
-    named.sort();
+    let items = leases(&c, "efo-split-1-efo-split-in");
+    let parent_item =
+        items.get(&parent).unwrap_or_else(|| panic!("no lease of {parent}: {items:?}"));
+    assert_eq!(string_attr(parent_item, "checkpoint"), Some("SHARD_END"));
     let mut children = open_shards(&c, input);
     children.sort();
-    assert_eq!(named, children);
+    assert_eq!(string_set_attr(parent_item, "childShardIds"), Some(children));
 }
 
 #[test]
@@ -220,24 +214,14 @@ fn two_hosts_registering_the_consumer_at_once_share_it() {
 
 #[test]
 fn a_checkpoint_inside_a_kpl_aggregate_resumes_with_its_next_user_record() {
-    use aws_sdk_dynamodb::types::AttributeValue;
     use aws_sdk_kinesis::primitives::Blob;
-    use kinesis_host_coordinator::kpl::{AggregateEntry, aggregate};
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output, table) = ("efo-kpl-in", "efo-kpl-out", "efo-kpl-table");
     create_streams(&c, &[(input, 1), (output, 1)]);
     let users: Vec<(String, String)> =
         (0..5).map(|i| ("kpl-key".to_owned(), format!("user record {i}"))).collect();
-    let entries: Vec<AggregateEntry<'_>> = users
-        .iter()
-        .map(|(k, d)| AggregateEntry {
-            partition_key: k,
-            explicit_hash_key: None,
-            data: d.as_bytes(),
-        })
-        .collect();
-    let blob = aggregate(&entries);
+    let blob = kpl_aggregate(&users);
     let (shard, seq) = rt().block_on(async {
         let out = c
             .kinesis
@@ -254,18 +238,7 @@ fn a_checkpoint_inside_a_kpl_aggregate_resumes_with_its_next_user_record() {
     // aggregate, owned by a worker that is gone.
     rt().block_on(async {
         create_lease_table(&c, table).await;
-        c.dynamodb
-            .put_item()
-            .table_name(table)
-            .item("leaseKey", AttributeValue::S(shard.clone()))
-            .item("leaseOwner", AttributeValue::S("java-kcl-worker-gone".into()))
-            .item("leaseCounter", AttributeValue::N("41".into()))
-            .item("ownerSwitchesSinceCheckpoint", AttributeValue::N("0".into()))
-            .item("checkpoint", AttributeValue::S(seq.clone()))
-            .item("checkpointSubSequenceNumber", AttributeValue::N("2".into()))
-            .send()
-            .await
-            .expect("PutItem");
+        put_lease_of_a_gone_worker(&c, table, &shard, &seq, 2).await;
     });
     let extra = format!(
         "{}systems.kinesis.aws.kcl.TableName={table}\nsystems.kinesis.aws.kcl.FailoverTimeMillis=3000\n",
@@ -297,13 +270,10 @@ fn a_consumer_deregistered_while_the_job_runs_is_registered_again() {
     let config = job_properties(dir.path(), "efo-dereg", input, output, &extra);
     let log = dir.path().join("host.log");
     let host = Host::start(&config, &log);
-    let first = numbered(4, 2, 0);
-    put(&c, input, &first);
-    wait_for_records(&c, output, first.len(), &log);
+    let mut sent = Vec::new();
+    put_and_wait(&c, input, numbered(4, 2, 0), &mut sent, output, &log);
+    let arn = stream_arn(&c, input);
     rt().block_on(async {
-        let summary =
-            c.kinesis.describe_stream_summary().stream_name(input).send().await.expect("Describe");
-        let arn = summary.stream_description_summary().expect("summary").stream_arn().to_owned();
         c.kinesis
             .deregister_stream_consumer()
             .stream_arn(arn)
@@ -312,11 +282,7 @@ fn a_consumer_deregistered_while_the_job_runs_is_registered_again() {
             .await
             .expect("DeregisterStreamConsumer");
     });
-    let second = numbered(4, 2, 2);
-    put(&c, input, &second);
-    let mut sent = first.clone();
-    sent.extend(second);
-    let got = wait_for_records(&c, output, sent.len(), &log);
+    let got = put_and_wait(&c, input, numbered(4, 2, 2), &mut sent, output, &log);
     wait_for_log(&log, "Registered the enhanced fan-out consumer.", 2);
     host.stop_cleanly(&log);
     assert_eq!(got.len(), sent.len(), "each record exactly once; log:\n{}", log_text(&log));

@@ -151,76 +151,42 @@ fn a_split_and_a_merge_during_consumption_lose_nothing_and_keep_order() {
     );
     let log = dir.path().join("host.log");
     let host = Host::start(&config, &log);
-    let first = numbered(8, 2, 0);
-    put(&c, input, &first);
-    wait_for_records(&c, output, first.len(), &log);
+    let mut sent = Vec::new();
+    put_and_wait(&c, input, numbered(8, 2, 0), &mut sent, output, &log);
 
     let parent = split(&c, input);
-    let second = numbered(8, 2, 2);
-    put(&c, input, &second);
-    let mut sent = first.clone();
-    sent.extend(second.clone());
-    wait_for_records(&c, output, sent.len(), &log);
+    put_and_wait(&c, input, numbered(8, 2, 2), &mut sent, output, &log);
 
     let children = open_shards(&c, input);
     assert_eq!(children.len(), 2, "{children:?}");
     merge(&c, input, &children);
-    let third = numbered(8, 2, 4);
-    put(&c, input, &third);
-    sent.extend(third);
-    let got = wait_for_records(&c, output, sent.len(), &log);
+    let got = put_and_wait(&c, input, numbered(8, 2, 4), &mut sent, output, &log);
     host.stop_cleanly(&log);
     assert_eq!(got.len(), sent.len(), "each record exactly once");
     assert_eq!(by_key(&got), by_key(&sent), "per key, parents' records come before children's");
 
     // Lineage in the lease table: the parent and both children ended with SHARD_END and name
     // their children; the merged shard names both parents.
-    let items = lease_items(&c, "reshard-1-run-reshard-in");
-    let get = |key: &str| {
-        items
-            .iter()
-            .find(|i| {
-                i.get("leaseKey").and_then(|v| v.as_s().ok()).map(String::as_str) == Some(key)
-            })
-            .unwrap_or_else(|| panic!("no lease {key} in {items:?}"))
-            .clone()
-    };
+    let items = leases(&c, "reshard-1-run-reshard-in");
+    let get = |key: &str| items.get(key).unwrap_or_else(|| panic!("no lease {key} in {items:?}"));
     let parent_item = get(&parent);
-    assert_eq!(
-        parent_item.get("checkpoint").and_then(|v| v.as_s().ok()).map(String::as_str),
-        Some("SHARD_END")
-    );
-    let mut named: Vec<String> =
-        parent_item.get("childShardIds").and_then(|v| v.as_ss().ok()).cloned().unwrap_or_default();
-    named.sort();
+    assert_eq!(string_attr(parent_item, "checkpoint"), Some("SHARD_END"));
     let mut expected_children = children.clone();
     expected_children.sort();
-    assert_eq!(named, expected_children);
+    assert_eq!(string_set_attr(parent_item, "childShardIds"), Some(expected_children.clone()));
     for child in &children {
         let item = get(child);
-        assert_eq!(
-            item.get("checkpoint").and_then(|v| v.as_s().ok()).map(String::as_str),
-            Some("SHARD_END")
-        );
-        assert_eq!(
-            item.get("parentShardId").and_then(|v| v.as_ss().ok()).cloned(),
-            Some(vec![parent.clone()])
-        );
+        assert_eq!(string_attr(item, "checkpoint"), Some("SHARD_END"));
+        assert_eq!(string_set_attr(item, "parentShardId"), Some(vec![parent.clone()]));
     }
     let merged = open_shards(&c, input);
     assert_eq!(merged.len(), 1);
-    let mut parents: Vec<String> = get(&merged[0])
-        .get("parentShardId")
-        .and_then(|v| v.as_ss().ok())
-        .cloned()
-        .unwrap_or_default();
-    parents.sort();
-    assert_eq!(parents, expected_children);
+    assert_eq!(string_set_attr(get(&merged[0]), "parentShardId"), Some(expected_children));
 }
 
 #[test]
 fn kpl_aggregates_come_out_as_user_records_resuming_inside_an_aggregate() {
-    use kinesis_host_coordinator::kpl::{AggregateEntry, aggregate, partition_key_hash};
+    use kinesis_host_coordinator::kpl::partition_key_hash;
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("run-kpl-in", "run-kpl-out");
@@ -251,15 +217,7 @@ fn kpl_aggregates_come_out_as_user_records_resuming_inside_an_aggregate() {
     let key0 = key0.expect("some key hashes into shard 0");
     let users: Vec<(String, String)> =
         (0..5).map(|i| (key0.clone(), format!("user record {i}"))).collect();
-    let entries: Vec<AggregateEntry<'_>> = users
-        .iter()
-        .map(|(k, d)| AggregateEntry {
-            partition_key: k,
-            explicit_hash_key: None,
-            data: d.as_bytes(),
-        })
-        .collect();
-    let blob = aggregate(&entries);
+    let blob = kpl_aggregate(&users);
     // The same user records, aggregated under shard 1's hash keys: what a producer re-sends
     // after resharding. Shard 1's reader must drop that aggregate whole (its user records'
     // hash keys are outside shard 1), so they come out once.
@@ -294,23 +252,10 @@ fn kpl_aggregates_come_out_as_user_records_resuming_inside_an_aggregate() {
     );
     rt().block_on(async {
         create_lease_table(&c, table).await;
-        for (i, shard) in shards.iter().enumerate() {
-            let mut put = c
-                .dynamodb
-                .put_item()
-                .table_name(table)
-                .item("leaseKey", AttributeValue::S(shard.shard_id().to_owned()))
-                .item("leaseOwner", AttributeValue::S("java-kcl-worker-gone".into()))
-                .item("leaseCounter", AttributeValue::N("41".into()))
-                .item("ownerSwitchesSinceCheckpoint", AttributeValue::N("0".into()));
-            put = if i == 0 {
-                put.item("checkpoint", AttributeValue::S(seq.clone()))
-                    .item("checkpointSubSequenceNumber", AttributeValue::N("2".into()))
-            } else {
-                put.item("checkpoint", AttributeValue::S("TRIM_HORIZON".into()))
-                    .item("checkpointSubSequenceNumber", AttributeValue::N("0".into()))
-            };
-            put.send().await.expect("PutItem");
+        let (first, rest) = shards.split_first().expect("two shards");
+        put_lease_of_a_gone_worker(&c, table, first.shard_id(), &seq, 2).await;
+        for shard in rest {
+            put_lease_of_a_gone_worker(&c, table, shard.shard_id(), "TRIM_HORIZON", 0).await;
         }
     });
     let log = dir.path().join("host.log");

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use aws::*;
 use aws_sdk_dynamodb::types::AttributeValue;
-use common::{file_with, guest, kinesis_host, run};
+use common::{file_with, replay, run};
 use kinesis_host_coordinator::aws::AwsClients;
 
 /// `rounds` records per word, one word per record, the word as partition key (so all records
@@ -87,17 +87,6 @@ fn attr<'a>(
     item.get(name)
 }
 
-/// The lease items, by shard.
-fn leases(
-    c: &AwsClients,
-    table: &str,
-) -> BTreeMap<String, std::collections::HashMap<String, AttributeValue>> {
-    lease_items(c, table)
-        .into_iter()
-        .map(|i| (i.get("leaseKey").and_then(|v| v.as_s().ok()).cloned().unwrap_or_default(), i))
-        .collect()
-}
-
 /// The items of the companion state table (shard, part).
 fn state_parts(c: &AwsClients, table: &str) -> Vec<(String, String)> {
     rt().block_on(async {
@@ -158,10 +147,7 @@ fn counts_stay_exact_across_a_stop_a_kill_and_a_takeover_replaying_from_the_chec
         checkpoints(&c, table),
         stopped
             .iter()
-            .map(|(k, i)| (
-                k.clone(),
-                i.get("checkpoint").and_then(|v| v.as_s().ok()).cloned().unwrap_or_default()
-            ))
+            .map(|(k, i)| (k.clone(), string_attr(i, "checkpoint").unwrap_or_default().to_owned()))
             .collect(),
         "B checkpointed although task.commit.ms had not passed"
     );
@@ -186,10 +172,7 @@ fn counts_stay_exact_across_a_stop_a_kill_and_a_takeover_replaying_from_the_chec
     let named: Vec<(String, String)> = leases(&c, table)
         .iter()
         .map(|(k, i)| {
-            (
-                k.clone(),
-                i.get("hostStateVersion").and_then(|v| v.as_s().ok()).cloned().unwrap_or_default(),
-            )
+            (k.clone(), string_attr(i, "hostStateVersion").unwrap_or_default().to_owned())
         })
         .collect();
     let mut versions: Vec<(String, String)> = state_parts(&c, &format!("{table}-state"))
@@ -302,13 +285,7 @@ fn a_refused_state_write_names_the_shard_the_key_and_the_setting() {
         br#"{"partition_key":"k","text":"short averyveryverylongword"}"#,
     );
     let (_d2, config) = file_with("job.properties", b"task.limits.state.key.bytes=16\n");
-    let (out, stdout, stderr) = run(kinesis_host()
-        .args(["replay", "--log", "warn"])
-        .arg(guest("word-count"))
-        .arg("--input")
-        .arg(&input)
-        .arg("--config")
-        .arg(&config));
+    let (out, stdout, stderr) = run(&mut replay("word-count", &input, &config));
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("State write refused"), "{stderr}");
     assert!(stderr.contains("task.limits.state.key.bytes"), "{stderr}");

@@ -124,17 +124,38 @@ pub fn read_all(c: &AwsClients, stream: &str) -> Vec<(String, String)> {
     })
 }
 
-pub fn lease_items(
-    c: &AwsClients,
-    table: &str,
-) -> Vec<std::collections::HashMap<String, AttributeValue>> {
+/// One item of a lease table, by attribute name.
+pub type LeaseItem = std::collections::HashMap<String, AttributeValue>;
+
+/// Every item of lease table `table`, in lease key order.
+pub fn lease_items(c: &AwsClients, table: &str) -> Vec<LeaseItem> {
     rt().block_on(async {
         let out =
             c.dynamodb.scan().table_name(table).consistent_read(true).send().await.expect("Scan");
         let mut items = out.items().to_vec();
-        items.sort_by_key(|i| i.get("leaseKey").and_then(|v| v.as_s().ok()).cloned());
+        items.sort_by_key(|i| string_attr(i, "leaseKey").map(str::to_owned));
         items
     })
+}
+
+/// The leases in `table`, by lease key (the shard id).
+pub fn leases(c: &AwsClients, table: &str) -> BTreeMap<String, LeaseItem> {
+    lease_items(c, table)
+        .into_iter()
+        .map(|i| (string_attr(&i, "leaseKey").unwrap_or_default().to_owned(), i))
+        .collect()
+}
+
+/// Attribute `name` of a lease item, when it is a string.
+pub fn string_attr<'a>(item: &'a LeaseItem, name: &str) -> Option<&'a str> {
+    item.get(name).and_then(|v| v.as_s().ok()).map(String::as_str)
+}
+
+/// Attribute `name` of a lease item, when it is a string set, sorted.
+pub fn string_set_attr(item: &LeaseItem, name: &str) -> Option<Vec<String>> {
+    let mut set = item.get(name).and_then(|v| v.as_ss().ok()).cloned()?;
+    set.sort();
+    Some(set)
 }
 
 pub fn job_properties(
@@ -253,6 +274,21 @@ pub fn wait_for_records(
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Puts `records` into `input` (see [`put`]), adds them to `sent`, and waits (bounded) until
+/// `output` holds as many records as `sent`; returns what `output` holds.
+pub fn put_and_wait(
+    c: &AwsClients,
+    input: &str,
+    records: Vec<(String, String)>,
+    sent: &mut Vec<(String, String)>,
+    output: &str,
+    log: &std::path::Path,
+) -> Vec<(String, String)> {
+    put(c, input, &records);
+    sent.extend(records);
+    wait_for_records(c, output, sent.len(), log)
 }
 
 /// Runs `echo-task` with `config` (its log in `log`) until `output` holds as many records as were
@@ -413,13 +449,47 @@ pub async fn create_lease_table(c: &AwsClients, table: &str) {
 
 /// Each lease's checkpoint, by shard.
 pub fn checkpoints(c: &AwsClients, table: &str) -> BTreeMap<String, String> {
-    lease_items(c, table)
-        .iter()
-        .map(|i| {
-            let get = |k: &str| i.get(k).and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
-            (get("leaseKey"), get("checkpoint"))
-        })
+    leases(c, table)
+        .into_iter()
+        .map(|(shard, i)| (shard, string_attr(&i, "checkpoint").unwrap_or_default().to_owned()))
         .collect()
+}
+
+/// Writes the lease of `shard` into `table` as a Java KCL worker that is gone leaves it: owned
+/// by that worker, and checkpointed at `(checkpoint, sub_sequence)`.
+pub async fn put_lease_of_a_gone_worker(
+    c: &AwsClients,
+    table: &str,
+    shard: &str,
+    checkpoint: &str,
+    sub_sequence: u64,
+) {
+    c.dynamodb
+        .put_item()
+        .table_name(table)
+        .item("leaseKey", AttributeValue::S(shard.to_owned()))
+        .item("leaseOwner", AttributeValue::S("java-kcl-worker-gone".into()))
+        .item("leaseCounter", AttributeValue::N("41".into()))
+        .item("ownerSwitchesSinceCheckpoint", AttributeValue::N("0".into()))
+        .item("checkpoint", AttributeValue::S(checkpoint.to_owned()))
+        .item("checkpointSubSequenceNumber", AttributeValue::N(sub_sequence.to_string()))
+        .send()
+        .await
+        .expect("PutItem");
+}
+
+/// A KPL aggregate of `(partition key, data)` user records, as a producer puts it.
+pub fn kpl_aggregate(users: &[(String, String)]) -> Vec<u8> {
+    use kinesis_host_coordinator::kpl::{AggregateEntry, aggregate};
+    let entries: Vec<AggregateEntry<'_>> = users
+        .iter()
+        .map(|(k, d)| AggregateEntry {
+            partition_key: k,
+            explicit_hash_key: None,
+            data: d.as_bytes(),
+        })
+        .collect();
+    aggregate(&entries)
 }
 
 pub fn decimal_at_least(a: &str, b: &str) -> bool {
