@@ -14,6 +14,7 @@ mod emulators;
 use std::time::Duration;
 
 use aws::*;
+use common::{free_address, http_get, samples};
 use kinesis_host_coordinator::aws::AwsClients;
 use kinesis_host_coordinator::efo::FanOut;
 
@@ -25,8 +26,8 @@ fn fan_out(resubscribe_ms: u64) -> String {
     )
 }
 
-/// The consumers registered on `stream`, by name.
-fn consumers(c: &AwsClients, stream: &str) -> Vec<String> {
+/// The ARN of `stream`.
+fn stream_arn(c: &AwsClients, stream: &str) -> String {
     rt().block_on(async {
         let summary = c
             .kinesis
@@ -35,7 +36,14 @@ fn consumers(c: &AwsClients, stream: &str) -> Vec<String> {
             .send()
             .await
             .expect("DescribeStreamSummary");
-        let arn = summary.stream_description_summary().expect("summary").stream_arn().to_owned();
+        summary.stream_description_summary().expect("summary").stream_arn().to_owned()
+    })
+}
+
+/// The consumers registered on `stream`, by name.
+fn consumers(c: &AwsClients, stream: &str) -> Vec<String> {
+    let arn = stream_arn(c, stream);
+    rt().block_on(async {
         let out = c
             .kinesis
             .list_stream_consumers()
@@ -68,24 +76,8 @@ fn put_slowly(
 
 /// The sum of the samples of metric `name` for input `stream`, from the host's `/metrics`.
 fn metric(address: &str, name: &str, stream: &str) -> f64 {
-    use std::io::{Read, Write};
-    let mut connection = std::net::TcpStream::connect(address).expect("connect to metrics.address");
-    connection.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
-    write!(connection, "GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n").expect("request");
-    let mut answer = String::new();
-    connection.read_to_string(&mut answer).expect("the answer");
-    let label = format!("stream=\"{stream}\"");
-    answer
-        .lines()
-        .filter_map(|line| {
-            let (labels, value) = line.strip_prefix(name)?.strip_prefix('{')?.split_once("} ")?;
-            labels.split(',').any(|l| l == label).then(|| value.trim().parse::<f64>().ok())?
-        })
-        .sum()
-}
-
-fn log_text(log: &std::path::Path) -> String {
-    std::fs::read_to_string(log).unwrap_or_default()
+    let (_, _, exposition) = http_get(address, "/metrics");
+    samples(&exposition, name, &[("stream", stream)]).sum()
 }
 
 #[test]
@@ -93,15 +85,10 @@ fn every_record_once_and_in_order_across_forced_resubscriptions() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("efo-resub-in", "efo-resub-out");
-    create_stream(&c, input, 2);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 2), (output, 1)]);
     let before = numbered(4, 2, 0);
     put(&c, input, &before);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let address = format!("127.0.0.1:{port}");
+    let address = free_address();
     let extra = format!("{}metrics.address={address}\n", fan_out(2000));
     let config = job_properties(dir.path(), "efo-resub", input, output, &extra);
     let log = dir.path().join("host.log");
@@ -116,8 +103,7 @@ fn every_record_once_and_in_order_across_forced_resubscriptions() {
     let after = read_all(&c, output);
     let subscriptions = metric(&address, "kinesis_host_efo_subscriptions_total", input);
     let processed = metric(&address, "kinesis_host_records_processed_total", input);
-    let status = host.stop();
-    assert!(status.success(), "exit {status}; log:\n{}", log_text(&log));
+    host.stop_cleanly(&log);
     assert_eq!(got.len(), sent.len(), "each record exactly once; log:\n{}", log_text(&log));
     assert_eq!(after.len(), sent.len(), "nothing delivered again later");
     assert_eq!(by_key(&got), by_key(&sent), "in order per key");
@@ -140,8 +126,7 @@ fn a_split_during_consumption_hands_over_to_the_children_exactly_once() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("efo-split-in", "efo-split-out");
-    create_stream(&c, input, 1);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 1), (output, 1)]);
     let extra = format!(
         "{}systems.kinesis.aws.kcl.CleanupLeasesUponShardCompletion=false\n",
         fan_out(3000)
@@ -149,37 +134,23 @@ fn a_split_during_consumption_hands_over_to_the_children_exactly_once() {
     let config = job_properties(dir.path(), "efo-split", input, output, &extra);
     let log = dir.path().join("host.log");
     let host = Host::start(&config, &log);
-    let first = numbered(8, 2, 0);
-    put(&c, input, &first);
-    wait_for_records(&c, output, first.len(), &log);
+    let mut sent = Vec::new();
+    put_and_wait(&c, input, numbered(8, 2, 0), &mut sent, output, &log);
 
     let parent = split(&c, input);
-    wait_active(&c, input);
-    let second = numbered(8, 2, 2);
-    put(&c, input, &second);
-    let mut sent = first.clone();
-    sent.extend(second);
-    let got = wait_for_records(&c, output, sent.len(), &log);
-    assert!(host.stop().success(), "log:\n{}", log_text(&log));
+    let got = put_and_wait(&c, input, numbered(8, 2, 2), &mut sent, output, &log);
+    host.stop_cleanly(&log);
     assert_eq!(got.len(), sent.len(), "each record exactly once; log:\n{}", log_text(&log));
     assert_eq!(by_key(&got), by_key(&sent), "per key, the parent's records before the children's");
 
     // The parent ended with SHARD_END and names both children, as with polling.
-    let items = lease_items(&c, "efo-split-1-efo-split-in");
-    let parent_item = items
-        .iter()
-        .find(|i| i.get("leaseKey").and_then(|v| v.as_s().ok()) == Some(&parent))
-        .unwrap_or_else(|| panic!("no lease of {parent}: {items:?}"));
-    assert_eq!(
-        parent_item.get("checkpoint").and_then(|v| v.as_s().ok()).map(String::as_str),
-        Some("SHARD_END")
-    );
-    let mut named: Vec<String> =
-        parent_item.get("childShardIds").and_then(|v| v.as_ss().ok()).cloned().unwrap_or_default();
-    named.sort();
+    let items = leases(&c, "efo-split-1-efo-split-in");
+    let parent_item =
+        items.get(&parent).unwrap_or_else(|| panic!("no lease of {parent}: {items:?}"));
+    assert_eq!(string_attr(parent_item, "checkpoint"), Some("SHARD_END"));
     let mut children = open_shards(&c, input);
     children.sort();
-    assert_eq!(named, children);
+    assert_eq!(string_set_attr(parent_item, "childShardIds"), Some(children));
 }
 
 #[test]
@@ -187,15 +158,14 @@ fn a_restart_after_a_graceful_stop_resumes_at_the_checkpoint_without_duplicates(
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("efo-restart-in", "efo-restart-out");
-    create_stream(&c, input, 2);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 2), (output, 1)]);
     let first = numbered(6, 3, 0);
     put(&c, input, &first);
     let config = job_properties(dir.path(), "efo-restart", input, output, &fan_out(290_000));
     let log = dir.path().join("host.log");
     let host = Host::start(&config, &log);
     wait_for_records(&c, output, first.len(), &log);
-    assert!(host.stop().success(), "log:\n{}", log_text(&log));
+    host.stop_cleanly(&log);
 
     let second = numbered(6, 3, 3);
     put(&c, input, &second);
@@ -207,7 +177,7 @@ fn a_restart_after_a_graceful_stop_resumes_at_the_checkpoint_without_duplicates(
     // Whatever the host still had in flight is sent before a graceful stop ends: nothing more
     // may have come.
     wait_for_log(&log2, "Subscribed to shard.", 2);
-    assert!(host.stop().success(), "log:\n{}", log_text(&log2));
+    host.stop_cleanly(&log2);
     let after = read_all(&c, output);
     assert_eq!(got.len(), sent.len(), "exactly once; second log:\n{}", log_text(&log2));
     assert_eq!(after.len(), sent.len(), "exactly once; second log:\n{}", log_text(&log2));
@@ -244,25 +214,14 @@ fn two_hosts_registering_the_consumer_at_once_share_it() {
 
 #[test]
 fn a_checkpoint_inside_a_kpl_aggregate_resumes_with_its_next_user_record() {
-    use aws_sdk_dynamodb::types::AttributeValue;
     use aws_sdk_kinesis::primitives::Blob;
-    use kinesis_host_coordinator::kpl::{AggregateEntry, aggregate};
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output, table) = ("efo-kpl-in", "efo-kpl-out", "efo-kpl-table");
-    create_stream(&c, input, 1);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 1), (output, 1)]);
     let users: Vec<(String, String)> =
         (0..5).map(|i| ("kpl-key".to_owned(), format!("user record {i}"))).collect();
-    let entries: Vec<AggregateEntry<'_>> = users
-        .iter()
-        .map(|(k, d)| AggregateEntry {
-            partition_key: k,
-            explicit_hash_key: None,
-            data: d.as_bytes(),
-        })
-        .collect();
-    let blob = aggregate(&entries);
+    let blob = kpl_aggregate(&users);
     let (shard, seq) = rt().block_on(async {
         let out = c
             .kinesis
@@ -279,18 +238,7 @@ fn a_checkpoint_inside_a_kpl_aggregate_resumes_with_its_next_user_record() {
     // aggregate, owned by a worker that is gone.
     rt().block_on(async {
         create_lease_table(&c, table).await;
-        c.dynamodb
-            .put_item()
-            .table_name(table)
-            .item("leaseKey", AttributeValue::S(shard.clone()))
-            .item("leaseOwner", AttributeValue::S("java-kcl-worker-gone".into()))
-            .item("leaseCounter", AttributeValue::N("41".into()))
-            .item("ownerSwitchesSinceCheckpoint", AttributeValue::N("0".into()))
-            .item("checkpoint", AttributeValue::S(seq.clone()))
-            .item("checkpointSubSequenceNumber", AttributeValue::N("2".into()))
-            .send()
-            .await
-            .expect("PutItem");
+        put_lease_of_a_gone_worker(&c, table, &shard, &seq, 2).await;
     });
     let extra = format!(
         "{}systems.kinesis.aws.kcl.TableName={table}\nsystems.kinesis.aws.kcl.FailoverTimeMillis=3000\n",
@@ -303,7 +251,7 @@ fn a_checkpoint_inside_a_kpl_aggregate_resumes_with_its_next_user_record() {
     // A record written now comes after them, once.
     put(&c, input, &[("kpl-key".to_owned(), "plain record".to_owned())]);
     let got_after = wait_for_records(&c, output, 3, &log);
-    assert!(host.stop().success(), "log:\n{}", log_text(&log));
+    host.stop_cleanly(&log);
     assert_eq!(got, users[3..].to_vec(), "log:\n{}", log_text(&log));
     let mut expected = users[3..].to_vec();
     expected.push(("kpl-key".to_owned(), "plain record".to_owned()));
@@ -316,20 +264,16 @@ fn a_consumer_deregistered_while_the_job_runs_is_registered_again() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("efo-dereg-in", "efo-dereg-out");
-    create_stream(&c, input, 1);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 1), (output, 1)]);
     // Short failover: a stopped shard is retried after twice this.
     let extra = format!("{}systems.kinesis.aws.kcl.FailoverTimeMillis=3000\n", fan_out(2000));
     let config = job_properties(dir.path(), "efo-dereg", input, output, &extra);
     let log = dir.path().join("host.log");
     let host = Host::start(&config, &log);
-    let first = numbered(4, 2, 0);
-    put(&c, input, &first);
-    wait_for_records(&c, output, first.len(), &log);
+    let mut sent = Vec::new();
+    put_and_wait(&c, input, numbered(4, 2, 0), &mut sent, output, &log);
+    let arn = stream_arn(&c, input);
     rt().block_on(async {
-        let summary =
-            c.kinesis.describe_stream_summary().stream_name(input).send().await.expect("Describe");
-        let arn = summary.stream_description_summary().expect("summary").stream_arn().to_owned();
         c.kinesis
             .deregister_stream_consumer()
             .stream_arn(arn)
@@ -338,13 +282,9 @@ fn a_consumer_deregistered_while_the_job_runs_is_registered_again() {
             .await
             .expect("DeregisterStreamConsumer");
     });
-    let second = numbered(4, 2, 2);
-    put(&c, input, &second);
-    let mut sent = first.clone();
-    sent.extend(second);
-    let got = wait_for_records(&c, output, sent.len(), &log);
+    let got = put_and_wait(&c, input, numbered(4, 2, 2), &mut sent, output, &log);
     wait_for_log(&log, "Registered the enhanced fan-out consumer.", 2);
-    assert!(host.stop().success(), "log:\n{}", log_text(&log));
+    host.stop_cleanly(&log);
     assert_eq!(got.len(), sent.len(), "each record exactly once; log:\n{}", log_text(&log));
     assert_eq!(by_key(&got), by_key(&sent));
     assert_eq!(consumers(&c, input), vec!["efo-dereg-1".to_owned()], "registered again");

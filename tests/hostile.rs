@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{guest, kinesis_host, run};
+use common::{guest, kinesis_host, replay, run};
 use kinesis_host::config::{JobConfig, RetryPolicy};
 use kinesis_host::pipeline::{ShardError, ShardStats, ShardWorker, Sink};
 use kinesis_host_runtime::{
@@ -248,13 +248,7 @@ fn a_panic_message_reaches_the_host_log() {
         "job.properties",
         b"task.batch.max.records=1\ntask.config.panic_every=2\ntask.retry.backoff.initial.ms=1\n",
     );
-    let (out, stdout, stderr) = run(kinesis_host()
-        .args(["replay", "--log", "warn"])
-        .arg(guest("panic-task"))
-        .arg("--input")
-        .arg(&input)
-        .arg("--config")
-        .arg(&config));
+    let (out, stdout, stderr) = run(&mut replay("panic-task", &input, &config));
     assert!(out.status.success(), "{stderr}");
     assert_eq!(stdout.lines().count(), 2, "both records echoed once: {stdout}");
     assert!(

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use aws::*;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use common::{free_address, http_get, sample};
 use kinesis_host_coordinator::aws::AwsClients;
 
 /// Puts `(partition key, data)` records one by one; returns their sequence numbers.
@@ -97,7 +98,7 @@ fn assert_each_once(
     sent: &[(String, String)],
     seqs: &[String],
 ) -> (Vec<String>, Vec<serde_json::Value>) {
-    let out: Vec<String> = read_all(c, output).into_iter().map(|(_, d)| d).collect();
+    let out = data(c, output);
     let dead = envelopes(c, dlq);
     let dead_data: Vec<String> = dead.iter().map(data_of).collect();
     let mut all: Vec<&String> = out.iter().chain(&dead_data).collect();
@@ -128,34 +129,29 @@ fn assert_each_once(
     (out, dead)
 }
 
-fn free_address() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    format!("127.0.0.1:{port}")
+/// The data of every record in `stream`, in order.
+fn data(c: &AwsClients, stream: &str) -> Vec<String> {
+    read_all(c, stream).into_iter().map(|(_, d)| d).collect()
 }
 
-/// The value of the sample of `name` whose labels include `labels`, from `/metrics` at `address`.
-fn metric(address: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address).expect("connect to metrics.address");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
-    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n").expect("send the request");
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("read the answer");
-    answer.lines().find_map(|line| {
-        let (set, value) = line.strip_prefix(name)?.strip_prefix('{')?.split_once("} ")?;
-        let has = |(k, v): &(&str, &str)| set.split(',').any(|l| l == format!("{k}=\"{v}\""));
-        labels.iter().all(has).then(|| value.trim().parse().ok()).flatten()
-    })
+/// The checkpoint of the input's one shard in lease table `table`.
+fn checkpoint(c: &AwsClients, table: &str) -> Option<String> {
+    checkpoints(c, table).remove("shardId-000000000000")
 }
 
-/// Waits (bounded) until the metric is at least `n`; returns it.
+/// Waits (bounded) until the input's one shard is checkpointed at `seq`.
+fn wait_for_checkpoint(c: &AwsClients, table: &str, seq: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while checkpoint(c, table).as_deref() != Some(seq) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits (bounded) until the metric served at `address` is at least `n`; returns it.
 fn wait_for_metric(address: &str, name: &str, labels: &[(&str, &str)], n: f64) -> f64 {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let value = metric(address, name, labels);
+        let value = sample(&http_get(address, "/metrics").2, name, labels);
         if value.is_some_and(|v| v >= n) || Instant::now() > deadline {
             return value.unwrap_or(0.0);
         }
@@ -163,8 +159,11 @@ fn wait_for_metric(address: &str, name: &str, labels: &[(&str, &str)], n: f64) -
     }
 }
 
-fn log_text(log: &std::path::Path) -> String {
-    std::fs::read_to_string(log).unwrap_or_default()
+/// The host serving metrics at `address` counted a stop of a shard of `input` for `reason`.
+fn assert_shard_stopped(address: &str, input: &str, reason: &str) {
+    let labels = [("stream", input), ("reason", reason)];
+    let stops = wait_for_metric(address, "kinesis_host_task_shard_stops_total", &labels, 1.0);
+    assert!(stops >= 1.0, "{stops}");
 }
 
 #[test]
@@ -172,9 +171,7 @@ fn a_poison_record_goes_to_the_dead_letter_stream_and_its_neighbours_are_process
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output, dlq) = ("pol-poison-in", "pol-poison-out", "pol-poison-dlq");
-    create_stream(&c, input, 1);
-    create_stream(&c, output, 1);
-    create_stream(&c, dlq, 1);
+    create_streams(&c, &[(input, 1), (output, 1), (dlq, 1)]);
     let sent = records(&["r0", "r1", "r2", "r3", "poison", "r5", "r6", "r7", "r8"]);
     let seqs = put_numbered(&c, input, &sent);
     let address = free_address();
@@ -191,8 +188,7 @@ fn a_poison_record_goes_to_the_dead_letter_stream_and_its_neighbours_are_process
     wait_for_total(&c, output, dlq, sent.len(), &log);
     let labels = [("stream", input), ("reason", "poison_record")];
     let counted = wait_for_metric(&address, "kinesis_host_dead_letter_records_total", &labels, 1.0);
-    let status = host.stop();
-    assert!(status.success(), "exit {status}; log:\n{}", log_text(&log));
+    host.stop_cleanly(&log);
 
     let (out, dead) = assert_each_once(&c, input, output, dlq, &sent, &seqs);
     assert_eq!(out, ["r0", "r1", "r2", "r3", "r5", "r6", "r7", "r8"]);
@@ -207,12 +203,8 @@ fn a_poison_record_goes_to_the_dead_letter_stream_and_its_neighbours_are_process
     assert_eq!(data_of(e), "poison");
     assert_eq!(counted, 1.0);
     // Everything is done, the poison record included: the checkpoint is at the last record.
-    assert_eq!(
-        checkpoints(&c, "poison-1-pol-poison-in").get("shardId-000000000000"),
-        seqs.last(),
-        "log:\n{}",
-        log_text(&log)
-    );
+    let table = "poison-1-pol-poison-in";
+    assert_eq!(checkpoint(&c, table).as_ref(), seqs.last(), "log:\n{}", log_text(&log));
 }
 
 #[test]
@@ -220,9 +212,7 @@ fn a_batch_failing_every_attempt_goes_to_the_dead_letter_stream_and_the_shard_go
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output, dlq) = ("pol-exhaust-in", "pol-exhaust-out", "pol-exhaust-dlq");
-    create_stream(&c, input, 1);
-    create_stream(&c, output, 1);
-    create_stream(&c, dlq, 1);
+    create_streams(&c, &[(input, 1), (output, 1), (dlq, 1)]);
     let mut sent = records(&["ok-0", "ok-1", "fail-2", "ok-3"]);
     let mut seqs = put_numbered(&c, input, &sent);
     let config =
@@ -235,8 +225,7 @@ fn a_batch_failing_every_attempt_goes_to_the_dead_letter_stream_and_the_shard_go
     seqs.extend(put_numbered(&c, input, &more));
     sent.extend(more);
     wait_for_total(&c, output, dlq, sent.len(), &log);
-    let status = host.stop();
-    assert!(status.success(), "exit {status}; log:\n{}", log_text(&log));
+    host.stop_cleanly(&log);
 
     let (out, dead) = assert_each_once(&c, input, output, dlq, &sent, &seqs);
     assert!(out.ends_with(&["ok-4".to_owned(), "ok-5".to_owned()]), "{out:?}");
@@ -248,10 +237,7 @@ fn a_batch_failing_every_attempt_goes_to_the_dead_letter_stream_and_the_shard_go
         assert_eq!(e["error"]["kind"], "retryable", "{e}");
         assert_eq!(e["error"]["message"], format!("record {} asks to fail", seqs[2]), "{e}");
     }
-    assert_eq!(
-        checkpoints(&c, "exhaust-1-pol-exhaust-in").get("shardId-000000000000"),
-        seqs.last()
-    );
+    assert_eq!(checkpoint(&c, "exhaust-1-pol-exhaust-in").as_ref(), seqs.last());
 }
 
 #[test]
@@ -259,8 +245,7 @@ fn without_a_dead_letter_output_exhausted_retries_stop_the_shard_before_the_batc
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("pol-stop-in", "pol-stop-out");
-    create_stream(&c, input, 1);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 1), (output, 1)]);
     let first = records(&["ok-0", "ok-1"]);
     let mut seqs = put_numbered(&c, input, &first);
     let address = free_address();
@@ -277,29 +262,15 @@ fn without_a_dead_letter_output_exhausted_retries_stop_the_shard_before_the_batc
     wait_for_records(&c, output, 2, &log);
     seqs.extend(put_numbered(&c, input, &records(&["fail-2", "ok-3"])));
     wait_for_log(&log, "stopped after 2 failed attempts at one batch", 1);
-    let labels = [("stream", input), ("reason", "retries_exhausted")];
-    let stops = wait_for_metric(&address, "kinesis_host_task_shard_stops_total", &labels, 1.0);
-    assert!(stops >= 1.0, "{stops}");
+    assert_shard_stopped(&address, input, "retries_exhausted");
     // The checkpoint stays at the last record before the failing batch (bounded wait for the
     // checkpoint of the first read, which may be written after its outputs).
     let table = "stop-1-pol-stop-in";
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while checkpoints(&c, table).get("shardId-000000000000") != Some(&seqs[1])
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(
-        checkpoints(&c, table).get("shardId-000000000000"),
-        Some(&seqs[1]),
-        "log:\n{}",
-        log_text(&log)
-    );
-    let status = host.stop();
-    assert!(status.success(), "exit {status}; log:\n{}", log_text(&log));
-    let out: Vec<String> = read_all(&c, output).into_iter().map(|(_, d)| d).collect();
-    assert_eq!(out, ["ok-0", "ok-1"]);
-    assert_eq!(checkpoints(&c, table).get("shardId-000000000000"), Some(&seqs[1]));
+    wait_for_checkpoint(&c, table, &seqs[1]);
+    assert_eq!(checkpoint(&c, table).as_ref(), Some(&seqs[1]), "log:\n{}", log_text(&log));
+    host.stop_cleanly(&log);
+    assert_eq!(data(&c, output), ["ok-0", "ok-1"]);
+    assert_eq!(checkpoint(&c, table).as_ref(), Some(&seqs[1]));
     assert!(log_text(&log).contains("set task.dead.letter.output to go on without its records"));
 }
 
@@ -308,8 +279,7 @@ fn a_stop_ends_a_back_off_and_checkpoints_the_records_done() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("pol-backoff-in", "pol-backoff-out");
-    create_stream(&c, input, 1);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 1), (output, 1)]);
     let mut seqs = put_numbered(&c, input, &records(&["ok-0", "ok-1"]));
     // Retried for ever, an hour apart: only a stop that ends the back-off lets the host exit
     // (Host::stop fails when it does not exit soon after SIGTERM).
@@ -328,16 +298,14 @@ fn a_stop_ends_a_back_off_and_checkpoints_the_records_done() {
     wait_for_records(&c, output, 2, &log);
     seqs.extend(put_numbered(&c, input, &records(&["fail-2", "ok-3"])));
     wait_for_log(&log, "Batch failed; retrying.", 1);
-    let status = host.stop();
-    assert!(status.success(), "exit {status}; log:\n{}", log_text(&log));
+    host.stop_cleanly(&log);
     let text = log_text(&log);
     assert!(text.contains("Asked to stop during a back-off"), "log:\n{text}");
     assert!(!text.contains("Shard stopped on this host"), "a stop is no failure; log:\n{text}");
     // The checkpoint is after the records done, before the failing batch.
     let table = "backoff-1-pol-backoff-in";
-    assert_eq!(checkpoints(&c, table).get("shardId-000000000000"), Some(&seqs[1]), "log:\n{text}");
-    let out: Vec<String> = read_all(&c, output).into_iter().map(|(_, d)| d).collect();
-    assert_eq!(out, ["ok-0", "ok-1"]);
+    assert_eq!(checkpoint(&c, table).as_ref(), Some(&seqs[1]), "log:\n{text}");
+    assert_eq!(data(&c, output), ["ok-0", "ok-1"]);
 }
 
 #[test]
@@ -345,9 +313,7 @@ fn records_past_the_max_age_are_not_retried_but_dead_lettered() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output, dlq) = ("pol-age-in", "pol-age-out", "pol-age-dlq");
-    create_stream(&c, input, 1);
-    create_stream(&c, output, 1);
-    create_stream(&c, dlq, 1);
+    create_streams(&c, &[(input, 1), (output, 1), (dlq, 1)]);
     let mut sent = records(&["ok-0", "fail-1", "ok-2"]);
     let mut seqs = put_numbered(&c, input, &sent);
     // Retried without limit: only the records' age ends the retries.
@@ -366,8 +332,7 @@ fn records_past_the_max_age_are_not_retried_but_dead_lettered() {
     seqs.extend(put_numbered(&c, input, &more));
     sent.extend(more);
     wait_for_total(&c, output, dlq, sent.len(), &log);
-    let status = host.stop();
-    assert!(status.success(), "exit {status}; log:\n{}", log_text(&log));
+    host.stop_cleanly(&log);
 
     let (out, dead) = assert_each_once(&c, input, output, dlq, &sent, &seqs);
     assert_eq!(out.last().map(String::as_str), Some("ok-3"), "{out:?}");
@@ -383,9 +348,7 @@ fn bisect_isolates_the_failing_records_and_processes_every_other_record_once() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output, dlq) = ("pol-bisect-in", "pol-bisect-out", "pol-bisect-dlq");
-    create_stream(&c, input, 1);
-    create_stream(&c, output, 1);
-    create_stream(&c, dlq, 1);
+    create_streams(&c, &[(input, 1), (output, 1), (dlq, 1)]);
     // 40 records: one fails with a retryable error, one traps.
     let data: Vec<String> = (0..40)
         .map(|i| match i {
@@ -407,8 +370,7 @@ fn bisect_isolates_the_failing_records_and_processes_every_other_record_once() {
     let log = dir.path().join("host.log");
     let host = Host::start_with("policy-task", &config, &log, &[]);
     wait_for_total(&c, output, dlq, sent.len(), &log);
-    let status = host.stop();
-    assert!(status.success(), "exit {status}; log:\n{}", log_text(&log));
+    host.stop_cleanly(&log);
 
     let (out, dead) = assert_each_once(&c, input, output, dlq, &sent, &seqs);
     assert_eq!(out.len(), 38, "{out:?}");
@@ -421,7 +383,7 @@ fn bisect_isolates_the_failing_records_and_processes_every_other_record_once() {
         // The failed calls of the halves that held it, then two of the record alone.
         assert!(e["attempts"].as_u64().is_some_and(|n| n >= 2), "{e}");
     }
-    assert_eq!(checkpoints(&c, "bisect-1-pol-bisect-in").get("shardId-000000000000"), seqs.last());
+    assert_eq!(checkpoint(&c, "bisect-1-pol-bisect-in").as_ref(), seqs.last());
 }
 
 #[test]
@@ -429,8 +391,7 @@ fn without_a_dead_letter_output_records_past_the_max_age_stop_the_shard() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("pol-age-stop-in", "pol-age-stop-out");
-    create_stream(&c, input, 1);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 1), (output, 1)]);
     let seqs = put_numbered(&c, input, &records(&["fail-0", "ok-1"]));
     let address = free_address();
     let config = config(
@@ -446,16 +407,12 @@ fn without_a_dead_letter_output_records_past_the_max_age_stop_the_shard() {
     let log = dir.path().join("host.log");
     let host = Host::start_with("policy-task", &config, &log, &[]);
     wait_for_log(&log, &format!("a batch failed with record {} older than", seqs[0]), 1);
-    let labels = [("stream", input), ("reason", "record_too_old")];
-    let stops = wait_for_metric(&address, "kinesis_host_task_shard_stops_total", &labels, 1.0);
-    assert!(stops >= 1.0, "{stops}");
-    let status = host.stop();
-    assert!(status.success(), "exit {status}; log:\n{}", log_text(&log));
+    assert_shard_stopped(&address, input, "record_too_old");
+    host.stop_cleanly(&log);
     assert!(read_all(&c, output).is_empty());
     // Nothing was done, so nothing was checkpointed past the start.
-    let checkpoint = checkpoints(&c, "agestop-1-pol-age-stop-in");
     assert_eq!(
-        checkpoint.get("shardId-000000000000").map(String::as_str),
+        checkpoint(&c, "agestop-1-pol-age-stop-in").as_deref(),
         Some("TRIM_HORIZON"),
         "log:\n{}",
         log_text(&log)
@@ -467,9 +424,7 @@ fn a_fatal_error_stops_the_shard_and_is_not_dead_lettered() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output, dlq) = ("pol-fatal-in", "pol-fatal-out", "pol-fatal-dlq");
-    create_stream(&c, input, 1);
-    create_stream(&c, output, 1);
-    create_stream(&c, dlq, 1);
+    create_streams(&c, &[(input, 1), (output, 1), (dlq, 1)]);
     let first = records(&["ok-0"]);
     let mut seqs = put_numbered(&c, input, &first);
     let address = free_address();
@@ -486,20 +441,11 @@ fn a_fatal_error_stops_the_shard_and_is_not_dead_lettered() {
     wait_for_records(&c, output, 1, &log);
     seqs.extend(put_numbered(&c, input, &records(&["fatal-1", "ok-2"])));
     wait_for_log(&log, "a record asks to stop the shard", 1);
-    let labels = [("stream", input), ("reason", "fatal")];
-    let stops = wait_for_metric(&address, "kinesis_host_task_shard_stops_total", &labels, 1.0);
-    assert!(stops >= 1.0, "{stops}");
+    assert_shard_stopped(&address, input, "fatal");
     let table = "fatal-1-pol-fatal-in";
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while checkpoints(&c, table).get("shardId-000000000000") != Some(&seqs[0])
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let status = host.stop();
-    assert!(status.success(), "exit {status}; log:\n{}", log_text(&log));
-    let out: Vec<String> = read_all(&c, output).into_iter().map(|(_, d)| d).collect();
-    assert_eq!(out, ["ok-0"]);
+    wait_for_checkpoint(&c, table, &seqs[0]);
+    host.stop_cleanly(&log);
+    assert_eq!(data(&c, output), ["ok-0"]);
     assert!(read_all(&c, dlq).is_empty(), "a fatal error dead-letters nothing");
-    assert_eq!(checkpoints(&c, table).get("shardId-000000000000"), Some(&seqs[0]));
+    assert_eq!(checkpoint(&c, table).as_ref(), Some(&seqs[0]));
 }

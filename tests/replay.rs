@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{file_with, guest, kinesis_host, run, workspace};
+use common::{file_with, guest, kinesis_host, replay, run, workspace};
 
 fn example(name: &str, file: &str) -> std::path::PathBuf {
     workspace().join("examples").join(name).join(file)
@@ -58,15 +58,10 @@ fn hello_logs_every_record_tagged_with_its_shard() {
 fn filter_route_emits_exactly_the_matching_records() {
     let dir = tempfile::tempdir().expect("temporary folder");
     let output = dir.path().join("out.jsonl");
-    let (out, stdout, stderr) = run(kinesis_host()
-        .args(["replay", "--log", "warn"])
-        .arg(guest("filter-route"))
-        .arg("--input")
-        .arg(example("filter-route", "records.jsonl"))
-        .arg("--config")
-        .arg(example("filter-route", "job.properties"))
-        .arg("--output")
-        .arg(&output));
+    let input = example("filter-route", "records.jsonl");
+    let config = example("filter-route", "job.properties");
+    let (out, stdout, stderr) =
+        run(replay("filter-route", &input, &config).arg("--output").arg(&output));
     assert!(out.status.success(), "{stderr}");
     assert_eq!(stdout, "", "with --output nothing goes to stdout");
     let written = std::fs::read_to_string(&output).expect("output file");
@@ -102,13 +97,7 @@ fn word_count_keeps_counts_in_state_across_batches() {
     );
     let (_d1, input) = file_with("records.jsonl", records.as_bytes());
     let (_d2, config) = file_with("job.properties", b"task.batch.max.records=2\n");
-    let (out, stdout, stderr) = run(kinesis_host()
-        .args(["replay", "--log", "warn"])
-        .arg(guest("word-count"))
-        .arg("--input")
-        .arg(&input)
-        .arg("--config")
-        .arg(&config));
+    let (out, stdout, stderr) = run(&mut replay("word-count", &input, &config));
     assert!(out.status.success(), "{stderr}");
     let counts: Vec<(String, String)> = stdout
         .lines()
@@ -354,13 +343,8 @@ fn poison_records_are_set_aside_and_partial_results_delivered_again() {
     );
 
     let (_c, config) = file_with("job.properties", b"task.config.leading=2\n");
-    let (out, stdout, stderr) = run(kinesis_host()
-        .args(["replay", "--log", "warn"])
-        .arg(guest("echo-task"))
-        .arg("--input")
-        .arg(example("hello", "records.jsonl"))
-        .arg("--config")
-        .arg(&config));
+    let input = example("hello", "records.jsonl");
+    let (out, stdout, stderr) = run(&mut replay("echo-task", &input, &config));
     assert!(out.status.success(), "{stderr}");
     let keys: Vec<String> = stdout
         .lines()

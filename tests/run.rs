@@ -14,30 +14,20 @@ use std::time::{Duration, Instant};
 use aws::*;
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_kinesis::primitives::Blob;
-use common::{guest, kinesis_host};
+use common::{free_address, guest, http_get, kinesis_host, sample};
 
 #[test]
 fn delivers_every_record_in_order_checkpoints_and_releases_on_stop() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("run-basic-in", "run-basic-out");
-    create_stream(&c, input, 3);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 3), (output, 1)]);
     let sent = numbered(6, 5, 0);
     put(&c, input, &sent);
     let config = job_properties(dir.path(), "basic", input, output, "");
     let log = dir.path().join("host.log");
-    let host = Host::start(&config, &log);
-    let got = wait_for_records(&c, output, sent.len(), &log);
-    let status = host.stop();
-    assert!(
-        status.success(),
-        "exit {status}; log:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
     // Exactly the records sent, each once, in order per partition key (one output shard).
-    assert_eq!(by_key(&got), by_key(&sent));
-    assert_eq!(got.len(), sent.len());
+    echo_exactly_once(&c, &config, &log, output, &sent);
 
     // The lease table has KCL's names and types, checkpoints at the end of each shard's
     // records, and no owner after a graceful stop.
@@ -77,15 +67,15 @@ fn delivers_every_record_in_order_checkpoints_and_releases_on_stop() {
             );
         }
     }
-    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(log_text.contains("Released lease."), "{log_text}");
+    let text = log_text(&log);
+    assert!(text.contains("Released lease."), "{text}");
 
     // A restart resumes after the checkpoints: new records only, nothing again.
     let more = numbered(6, 2, 5);
     put(&c, input, &more);
     let host = Host::start(&config, &log);
     let got = wait_for_records(&c, output, sent.len() + more.len(), &log);
-    assert!(host.stop().success());
+    host.stop_cleanly(&log);
     let mut expected = sent.clone();
     expected.extend(more);
     assert_eq!(by_key(&got), by_key(&expected), "each record exactly once across the restart");
@@ -96,8 +86,7 @@ fn latest_skips_old_records_and_at_timestamp_starts_at_the_time() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("run-pos-in", "run-pos-out");
-    create_stream(&c, input, 2);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 2), (output, 1)]);
     let old = numbered(4, 2, 0);
     put(&c, input, &old);
     // Arrival times have millisecond resolution: leave a gap around the chosen instant.
@@ -121,7 +110,7 @@ fn latest_skips_old_records_and_at_timestamp_starts_at_the_time() {
     let new = numbered(4, 2, 4);
     put(&c, input, &new);
     let got = wait_for_records(&c, output, new.len(), &log);
-    assert!(host.stop().success());
+    host.stop_cleanly(&log);
     assert_eq!(by_key(&got), by_key(&new));
 
     // AT_TIMESTAMP, in a job with its own lease table: the records after the instant.
@@ -143,7 +132,7 @@ fn latest_skips_old_records_and_at_timestamp_starts_at_the_time() {
     let mut expected = middle.clone();
     expected.extend(new);
     let got = wait_for_records(&c, output2, expected.len(), &log);
-    assert!(host.stop().success());
+    host.stop_cleanly(&log);
     assert_eq!(by_key(&got), by_key(&expected));
 }
 
@@ -152,8 +141,7 @@ fn a_split_and_a_merge_during_consumption_lose_nothing_and_keep_order() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("run-reshard-in", "run-reshard-out");
-    create_stream(&c, input, 1);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 1), (output, 1)]);
     let config = job_properties(
         dir.path(),
         "reshard",
@@ -163,92 +151,46 @@ fn a_split_and_a_merge_during_consumption_lose_nothing_and_keep_order() {
     );
     let log = dir.path().join("host.log");
     let host = Host::start(&config, &log);
-    let first = numbered(8, 2, 0);
-    put(&c, input, &first);
-    wait_for_records(&c, output, first.len(), &log);
+    let mut sent = Vec::new();
+    put_and_wait(&c, input, numbered(8, 2, 0), &mut sent, output, &log);
 
     let parent = split(&c, input);
-    wait_active(&c, input);
-    let second = numbered(8, 2, 2);
-    put(&c, input, &second);
-    let mut sent = first.clone();
-    sent.extend(second.clone());
-    wait_for_records(&c, output, sent.len(), &log);
+    put_and_wait(&c, input, numbered(8, 2, 2), &mut sent, output, &log);
 
     let children = open_shards(&c, input);
     assert_eq!(children.len(), 2, "{children:?}");
-    rt().block_on(async {
-        c.kinesis
-            .merge_shards()
-            .stream_name(input)
-            .shard_to_merge(&children[0])
-            .adjacent_shard_to_merge(&children[1])
-            .send()
-            .await
-            .expect("MergeShards");
-    });
-    wait_active(&c, input);
-    let third = numbered(8, 2, 4);
-    put(&c, input, &third);
-    sent.extend(third);
-    let got = wait_for_records(&c, output, sent.len(), &log);
-    assert!(host.stop().success());
+    merge(&c, input, &children);
+    let got = put_and_wait(&c, input, numbered(8, 2, 4), &mut sent, output, &log);
+    host.stop_cleanly(&log);
     assert_eq!(got.len(), sent.len(), "each record exactly once");
     assert_eq!(by_key(&got), by_key(&sent), "per key, parents' records come before children's");
 
     // Lineage in the lease table: the parent and both children ended with SHARD_END and name
     // their children; the merged shard names both parents.
-    let items = lease_items(&c, "reshard-1-run-reshard-in");
-    let get = |key: &str| {
-        items
-            .iter()
-            .find(|i| {
-                i.get("leaseKey").and_then(|v| v.as_s().ok()).map(String::as_str) == Some(key)
-            })
-            .unwrap_or_else(|| panic!("no lease {key} in {items:?}"))
-            .clone()
-    };
+    let items = leases(&c, "reshard-1-run-reshard-in");
+    let get = |key: &str| items.get(key).unwrap_or_else(|| panic!("no lease {key} in {items:?}"));
     let parent_item = get(&parent);
-    assert_eq!(
-        parent_item.get("checkpoint").and_then(|v| v.as_s().ok()).map(String::as_str),
-        Some("SHARD_END")
-    );
-    let mut named: Vec<String> =
-        parent_item.get("childShardIds").and_then(|v| v.as_ss().ok()).cloned().unwrap_or_default();
-    named.sort();
+    assert_eq!(string_attr(parent_item, "checkpoint"), Some("SHARD_END"));
     let mut expected_children = children.clone();
     expected_children.sort();
-    assert_eq!(named, expected_children);
+    assert_eq!(string_set_attr(parent_item, "childShardIds"), Some(expected_children.clone()));
     for child in &children {
         let item = get(child);
-        assert_eq!(
-            item.get("checkpoint").and_then(|v| v.as_s().ok()).map(String::as_str),
-            Some("SHARD_END")
-        );
-        assert_eq!(
-            item.get("parentShardId").and_then(|v| v.as_ss().ok()).cloned(),
-            Some(vec![parent.clone()])
-        );
+        assert_eq!(string_attr(item, "checkpoint"), Some("SHARD_END"));
+        assert_eq!(string_set_attr(item, "parentShardId"), Some(vec![parent.clone()]));
     }
     let merged = open_shards(&c, input);
     assert_eq!(merged.len(), 1);
-    let mut parents: Vec<String> = get(&merged[0])
-        .get("parentShardId")
-        .and_then(|v| v.as_ss().ok())
-        .cloned()
-        .unwrap_or_default();
-    parents.sort();
-    assert_eq!(parents, expected_children);
+    assert_eq!(string_set_attr(get(&merged[0]), "parentShardId"), Some(expected_children));
 }
 
 #[test]
 fn kpl_aggregates_come_out_as_user_records_resuming_inside_an_aggregate() {
-    use kinesis_host_coordinator::kpl::{AggregateEntry, aggregate, partition_key_hash};
+    use kinesis_host_coordinator::kpl::partition_key_hash;
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("run-kpl-in", "run-kpl-out");
-    create_stream(&c, input, 2);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 2), (output, 1)]);
     let shards = rt().block_on(async {
         c.kinesis
             .list_shards()
@@ -275,15 +217,7 @@ fn kpl_aggregates_come_out_as_user_records_resuming_inside_an_aggregate() {
     let key0 = key0.expect("some key hashes into shard 0");
     let users: Vec<(String, String)> =
         (0..5).map(|i| (key0.clone(), format!("user record {i}"))).collect();
-    let entries: Vec<AggregateEntry<'_>> = users
-        .iter()
-        .map(|(k, d)| AggregateEntry {
-            partition_key: k,
-            explicit_hash_key: None,
-            data: d.as_bytes(),
-        })
-        .collect();
-    let blob = aggregate(&entries);
+    let blob = kpl_aggregate(&users);
     // The same user records, aggregated under shard 1's hash keys: what a producer re-sends
     // after resharding. Shard 1's reader must drop that aggregate whole (its user records'
     // hash keys are outside shard 1), so they come out once.
@@ -318,23 +252,10 @@ fn kpl_aggregates_come_out_as_user_records_resuming_inside_an_aggregate() {
     );
     rt().block_on(async {
         create_lease_table(&c, table).await;
-        for (i, shard) in shards.iter().enumerate() {
-            let mut put = c
-                .dynamodb
-                .put_item()
-                .table_name(table)
-                .item("leaseKey", AttributeValue::S(shard.shard_id().to_owned()))
-                .item("leaseOwner", AttributeValue::S("java-kcl-worker-gone".into()))
-                .item("leaseCounter", AttributeValue::N("41".into()))
-                .item("ownerSwitchesSinceCheckpoint", AttributeValue::N("0".into()));
-            put = if i == 0 {
-                put.item("checkpoint", AttributeValue::S(seq.clone()))
-                    .item("checkpointSubSequenceNumber", AttributeValue::N("2".into()))
-            } else {
-                put.item("checkpoint", AttributeValue::S("TRIM_HORIZON".into()))
-                    .item("checkpointSubSequenceNumber", AttributeValue::N("0".into()))
-            };
-            put.send().await.expect("PutItem");
+        let (first, rest) = shards.split_first().expect("two shards");
+        put_lease_of_a_gone_worker(&c, table, first.shard_id(), &seq, 2).await;
+        for shard in rest {
+            put_lease_of_a_gone_worker(&c, table, shard.shard_id(), "TRIM_HORIZON", 0).await;
         }
     });
     let log = dir.path().join("host.log");
@@ -343,7 +264,7 @@ fn kpl_aggregates_come_out_as_user_records_resuming_inside_an_aggregate() {
     // Once shard 1 has read (and dropped) the stray aggregate, nothing more may arrive.
     wait_for_log(&log, "Dropped a KPL aggregate", 1);
     let got_after = read_all(&c, output);
-    assert!(host.stop().success());
+    host.stop_cleanly(&log);
     assert_eq!(got, users[3..].to_vec());
     assert_eq!(
         got_after,
@@ -357,8 +278,7 @@ fn a_killed_host_resumes_after_its_checkpoint_losing_nothing() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("run-kill-in", "run-kill-out");
-    create_stream(&c, input, 2);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 2), (output, 1)]);
     let first = numbered(4, 3, 0);
     put(&c, input, &first);
     // A short failover time: the dead host's leases expire after 3 s.
@@ -375,12 +295,13 @@ fn a_killed_host_resumes_after_its_checkpoint_losing_nothing() {
     drop(host); // SIGKILL: no release, no final checkpoint
     let second = numbered(4, 3, 3);
     put(&c, input, &second);
-    let host = Host::start(&config, &dir.path().join("host2.log"));
+    let log2 = dir.path().join("host2.log");
+    let host = Host::start(&config, &log2);
     let mut sent = first.clone();
     sent.extend(second);
     // The dead host's leases expire after FailoverTimeMillis (3 s here), then are taken.
-    let got = wait_for_records(&c, output, sent.len(), &dir.path().join("host2.log"));
-    assert!(host.stop().success());
+    let got = wait_for_records(&c, output, sent.len(), &log2);
+    host.stop_cleanly(&log2);
     // At least once: every record; duplicates only from the window since the last checkpoint
     // (checkpoints follow every batch here, so at most the batch in flight).
     assert_first_deliveries_in_order(&got, &sent);
@@ -419,8 +340,7 @@ fn a_second_signal_exits_at_once_while_a_batch_is_in_flight() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("run-signal-in", "run-signal-out");
-    create_stream(&c, input, 1);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 1), (output, 1)]);
     // The batch spins for up to a minute: a graceful stop would wait for it.
     let config =
         job_properties(dir.path(), "signal", input, output, "task.limits.batch.timeout.ms=60000\n");
@@ -437,23 +357,15 @@ fn a_second_signal_exits_at_once_while_a_batch_is_in_flight() {
         if let Some(status) = host.0.try_wait().expect("wait") {
             break status;
         }
-        if Instant::now() > deadline {
-            panic!(
-                "the second signal did not end the host; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
+        assert!(
+            Instant::now() < deadline,
+            "the second signal did not end the host; log:\n{}",
+            log_text(&log)
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(
-        status.code(),
-        Some(130),
-        "log:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-    assert!(
-        std::fs::read_to_string(&log).unwrap_or_default().contains("Second signal: exiting now.")
-    );
+    assert_eq!(status.code(), Some(130), "log:\n{}", log_text(&log));
+    assert!(log_text(&log).contains("Second signal: exiting now."));
 }
 
 #[test]
@@ -461,9 +373,7 @@ fn one_job_consumes_several_input_streams() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (a, b, output) = ("run-multi-a", "run-multi-b", "run-multi-out");
-    create_stream(&c, a, 1);
-    create_stream(&c, b, 2);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(a, 1), (b, 2), (output, 1)]);
     let from_a: Vec<(String, String)> =
         numbered(3, 3, 0).into_iter().map(|(k, d)| (format!("a-{k}"), d)).collect();
     let from_b: Vec<(String, String)> =
@@ -481,13 +391,9 @@ fn one_job_consumes_several_input_streams() {
              sensitive.systems.kinesis.streams.{b}.aws.secretKey=test\n"
         ),
     );
-    let log = dir.path().join("host.log");
-    let host = Host::start(&config, &log);
     let mut sent = from_a;
     sent.extend(from_b);
-    let got = wait_for_records(&c, output, sent.len(), &log);
-    assert!(host.stop().success());
-    assert_eq!(by_key(&got), by_key(&sent));
+    echo_exactly_once(&c, &config, &dir.path().join("host.log"), output, &sent);
     // One lease table per input stream, as Samza names them.
     assert_eq!(lease_items(&c, "multi-1-run-multi-a").len(), 1);
     assert_eq!(lease_items(&c, "multi-1-run-multi-b").len(), 2);
@@ -495,6 +401,8 @@ fn one_job_consumes_several_input_streams() {
 
 #[path = "common/faults.rs"]
 mod faults;
+#[path = "common/http_proxy.rs"]
+mod http_proxy;
 
 #[test]
 fn throttling_and_transient_faults_are_survived() {
@@ -503,8 +411,7 @@ fn throttling_and_transient_faults_are_survived() {
     let e = emulators::emulators();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("run-faults-in", "run-faults-out");
-    create_stream(&c, input, 2);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 2), (output, 1)]);
     let sent = numbered(4, 6, 0);
     put(&c, input, &sent);
     // Rules that fire on the first matching calls are certain to fire whatever the timing
@@ -539,12 +446,7 @@ fn throttling_and_transient_faults_are_survived() {
             dynamodb.endpoint()
         ),
     );
-    let log = dir.path().join("host.log");
-    let host = Host::start(&config, &log);
-    let got = wait_for_records(&c, output, sent.len(), &log);
-    assert!(host.stop().success(), "log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
-    assert_eq!(got.len(), sent.len(), "no record lost or repeated");
-    assert_eq!(by_key(&got), by_key(&sent));
+    echo_exactly_once(&c, &config, &dir.path().join("host.log"), output, &sent);
     for (proxy, target) in [
         (&kinesis, "GetRecords"),
         (&kinesis, "PutRecords"),
@@ -561,8 +463,7 @@ fn standard_aws_environment_variables_pick_endpoints_and_region() {
     let e = emulators::emulators();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("run-env-in", "run-env-out");
-    create_stream(&c, input, 1);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 1), (output, 1)]);
     let sent = numbered(2, 2, 0);
     put(&c, input, &sent);
     // No region, keys or endpoints in the file: they come from the standard variables.
@@ -594,7 +495,7 @@ fn standard_aws_environment_variables_pick_endpoints_and_region() {
         ],
     );
     let got = wait_for_records(&c, output, sent.len(), &log);
-    assert!(host.stop().success());
+    host.stop_cleanly(&log);
     assert_eq!(by_key(&got), by_key(&sent));
     assert_eq!(lease_items(&c, "env-1-run-env-in").len(), 1);
 }
@@ -604,8 +505,7 @@ fn a_host_paused_past_its_lease_cannot_checkpoint_when_it_resumes() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("run-pause-in", "run-pause-out");
-    create_stream(&c, input, 2);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 2), (output, 1)]);
     let first = numbered(6, 2, 0);
     put(&c, input, &first);
     // Host A checkpoints rarely, so it holds processed but unrecorded records when paused.
@@ -643,11 +543,7 @@ fn a_host_paused_past_its_lease_cannot_checkpoint_when_it_resumes() {
         if done {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "B did not deliver; log:\n{}",
-            std::fs::read_to_string(&log_b).unwrap_or_default()
-        );
+        assert!(Instant::now() < deadline, "B did not deliver; log:\n{}", log_text(&log_b));
         std::thread::sleep(Duration::from_millis(200));
     }
     wait_for_log(&log_b, "Checkpointed.", 2);
@@ -666,8 +562,8 @@ fn a_host_paused_past_its_lease_cannot_checkpoint_when_it_resumes() {
             "{shard}: checkpoint went back from {cp} to {now}: a host without the lease wrote it"
         );
     }
-    assert!(b.stop().success());
-    assert!(a.stop().success());
+    b.stop_cleanly(&log_b);
+    a.stop_cleanly(&log_a);
     // Every record was delivered, first deliveries in order per key.
     assert_first_deliveries_in_order(&read_all(&c, output), &sent);
 }
@@ -681,8 +577,7 @@ fn client_config_proxy_carries_every_kinesis_and_dynamodb_request() {
     let e = emulators::emulators();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("run-proxy-in", "run-proxy-out");
-    create_stream(&c, input, 2);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 2), (output, 1)]);
     let sent = numbered(3, 4, 0);
     put(&c, input, &sent);
     let proxy = forward_proxy::ForwardProxy::start();
@@ -704,12 +599,7 @@ fn client_config_proxy_carries_every_kinesis_and_dynamodb_request() {
             proxy.port()
         ),
     );
-    let log = dir.path().join("host.log");
-    let host = Host::start(&config, &log);
-    let got = wait_for_records(&c, output, sent.len(), &log);
-    assert!(host.stop().success(), "log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
-    assert_eq!(got.len(), sent.len(), "no record lost or repeated");
-    assert_eq!(by_key(&got), by_key(&sent));
+    echo_exactly_once(&c, &config, &dir.path().join("host.log"), output, &sent);
     for (upstream, target) in [
         (&kinesis, "ListShards"),
         (&kinesis, "GetRecords"),
@@ -722,42 +612,15 @@ fn client_config_proxy_carries_every_kinesis_and_dynamodb_request() {
     assert_eq!(lease_items(&c, "proxy-1-run-proxy-in").len(), 2);
 }
 
-/// One HTTP/1.0 `GET` against the host's `metrics.address`: status code, head and body.
-fn http_get(address: &str, path: &str) -> (u16, String, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address).expect("connect to metrics.address");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").expect("send the request");
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("read the answer");
-    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP head");
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status code");
-    (status, head.to_owned(), body.to_owned())
-}
-
-/// The value of the sample of `name` whose labels include `labels`, in a Prometheus exposition.
-fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    exposition.lines().find_map(|line| {
-        let (set, value) = line.strip_prefix(name)?.strip_prefix('{')?.split_once("} ")?;
-        let has = |(k, v): &(&str, &str)| set.split(',').any(|l| l == format!("{k}=\"{v}\""));
-        labels.iter().all(has).then(|| value.trim().parse().ok()).flatten()
-    })
-}
-
 #[test]
 fn metrics_address_serves_prometheus_metrics_health_and_readiness() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("run-metrics-in", "run-metrics-out");
-    create_stream(&c, input, 2);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 2), (output, 1)]);
     let sent = numbered(4, 5, 0);
     put(&c, input, &sent);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let address = format!("127.0.0.1:{port}");
+    let address = free_address();
     let config = job_properties(
         dir.path(),
         "metrics",
@@ -786,7 +649,6 @@ fn metrics_address_serves_prometheus_metrics_health_and_readiness() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"),
         "{head}"
@@ -795,7 +657,7 @@ fn metrics_address_serves_prometheus_metrics_health_and_readiness() {
         sample(&exposition, "kinesis_host_records_processed_total", &records),
         Some(sent.len() as f64),
         "{exposition}\nlog:\n{}",
-        log_text()
+        log_text(&log)
     );
     let bytes: usize = sent.iter().map(|(_, data)| data.len()).sum();
     assert_eq!(
@@ -838,7 +700,6 @@ fn metrics_address_serves_prometheus_metrics_health_and_readiness() {
     let (status, _, _) = http_get(&address, "/elsewhere");
     assert_eq!(status, 404);
 
-    let status = host.stop();
-    assert!(status.success(), "exit {status}; log:\n{}", log_text());
+    host.stop_cleanly(&log);
     assert!(std::net::TcpStream::connect(&address).is_err(), "the endpoint closes with the host");
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use aws::*;
 use aws_sdk_dynamodb::types::AttributeValue;
-use common::{file_with, guest, kinesis_host, run};
+use common::{file_with, replay, run};
 use kinesis_host_coordinator::aws::AwsClients;
 
 /// `rounds` records per word, one word per record, the word as partition key (so all records
@@ -48,7 +48,7 @@ fn wait_for_counts(c: &AwsClients, output: &str, n: usize, count: u64, log: &std
         assert!(
             Instant::now() < deadline,
             "the words did not reach {count}: {got:?}; host log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
+            log_text(log)
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -87,17 +87,6 @@ fn attr<'a>(
     item.get(name)
 }
 
-/// The lease items, by shard.
-fn leases(
-    c: &AwsClients,
-    table: &str,
-) -> BTreeMap<String, std::collections::HashMap<String, AttributeValue>> {
-    lease_items(c, table)
-        .into_iter()
-        .map(|i| (i.get("leaseKey").and_then(|v| v.as_s().ok()).cloned().unwrap_or_default(), i))
-        .collect()
-}
-
 /// The items of the companion state table (shard, part).
 fn state_parts(c: &AwsClients, table: &str) -> Vec<(String, String)> {
     rt().block_on(async {
@@ -119,8 +108,7 @@ fn counts_stay_exact_across_a_stop_a_kill_and_a_takeover_replaying_from_the_chec
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("state-kill-in", "state-kill-out");
-    create_stream(&c, input, 2);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 2), (output, 1)]);
     let n = 6;
     // Every snapshot goes to the companion table (inline at most 0 bytes), and checkpoints are
     // rare: only a stop, a shard end, or a read 10 minutes after the last one writes one.
@@ -135,7 +123,7 @@ fn counts_stay_exact_across_a_stop_a_kill_and_a_takeover_replaying_from_the_chec
     let log_a = dir.path().join("a.log");
     let a = Host::start_with("word-count", &config_a, &log_a, &[]);
     wait_for_counts(&c, output, n, 3, &log_a);
-    assert!(a.stop().success());
+    a.stop_cleanly(&log_a);
     let stopped = leases(&c, table);
     for (shard, item) in &stopped {
         assert!(
@@ -159,10 +147,7 @@ fn counts_stay_exact_across_a_stop_a_kill_and_a_takeover_replaying_from_the_chec
         checkpoints(&c, table),
         stopped
             .iter()
-            .map(|(k, i)| (
-                k.clone(),
-                i.get("checkpoint").and_then(|v| v.as_s().ok()).cloned().unwrap_or_default()
-            ))
+            .map(|(k, i)| (k.clone(), string_attr(i, "checkpoint").unwrap_or_default().to_owned()))
             .collect(),
         "B checkpointed although task.commit.ms had not passed"
     );
@@ -180,17 +165,14 @@ fn counts_stay_exact_across_a_stop_a_kill_and_a_takeover_replaying_from_the_chec
     let host_c = Host::start_with("word-count", &config_c, &log_c, &[]);
     put(&c, input, &words(n, 3));
     wait_for_counts(&c, output, n, 9, &log_c);
-    assert!(host_c.stop().success());
+    host_c.stop_cleanly(&log_c);
     assert_exact(&c, output, n, 9);
 
     // Superseded snapshots were deleted: one version per shard is left, the one its lease names.
     let named: Vec<(String, String)> = leases(&c, table)
         .iter()
         .map(|(k, i)| {
-            (
-                k.clone(),
-                i.get("hostStateVersion").and_then(|v| v.as_s().ok()).cloned().unwrap_or_default(),
-            )
+            (k.clone(), string_attr(i, "hostStateVersion").unwrap_or_default().to_owned())
         })
         .collect();
     let mut versions: Vec<(String, String)> = state_parts(&c, &format!("{table}-state"))
@@ -207,8 +189,7 @@ fn a_host_paused_past_its_lease_cannot_commit_state() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("state-pause-in", "state-pause-out");
-    create_stream(&c, input, 2);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 2), (output, 1)]);
     let n = 6;
     let extra =
         "systems.kinesis.aws.kcl.FailoverTimeMillis=3000\ntask.limits.state.inline.bytes=0\n";
@@ -245,8 +226,8 @@ fn a_host_paused_past_its_lease_cannot_commit_state() {
 
     put(&c, input, &words(n, 2));
     wait_for_counts(&c, output, n, 6, &log_b);
-    assert!(b.stop().success());
-    assert!(a.stop().success());
+    b.stop_cleanly(&log_b);
+    a.stop_cleanly(&log_a);
     assert_exact(&c, output, n, 6);
 }
 
@@ -255,8 +236,7 @@ fn children_start_from_their_parents_state_after_a_split_and_a_merge() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("state-reshard-in", "state-reshard-out");
-    create_stream(&c, input, 1);
-    create_stream(&c, output, 1);
+    create_streams(&c, &[(input, 1), (output, 1)]);
     let n = 8;
     // Snapshots inline in the lease items (the default); finished leases are kept to look at.
     let config = job(
@@ -273,7 +253,6 @@ fn children_start_from_their_parents_state_after_a_split_and_a_merge() {
 
     // After the split, each child starts from the parent's counts: every word goes on from 2.
     let parent = split(&c, input);
-    wait_active(&c, input);
     put(&c, input, &words(n, 2));
     wait_for_counts(&c, output, n, 4, &log);
     let children = open_shards(&c, input);
@@ -281,20 +260,10 @@ fn children_start_from_their_parents_state_after_a_split_and_a_merge() {
 
     // After the merge, the child starts from the union of both children's counts: for a word
     // in both (each child inherited all words), the one written last is the live count.
-    rt().block_on(async {
-        c.kinesis
-            .merge_shards()
-            .stream_name(input)
-            .shard_to_merge(&children[0])
-            .adjacent_shard_to_merge(&children[1])
-            .send()
-            .await
-            .expect("MergeShards");
-    });
-    wait_active(&c, input);
+    merge(&c, input, &children);
     put(&c, input, &words(n, 2));
     wait_for_counts(&c, output, n, 6, &log);
-    assert!(host.stop().success());
+    host.stop_cleanly(&log);
     assert_exact(&c, output, n, 6);
 
     let items = leases(&c, "statereshard-1-state-reshard-in");
@@ -316,13 +285,7 @@ fn a_refused_state_write_names_the_shard_the_key_and_the_setting() {
         br#"{"partition_key":"k","text":"short averyveryverylongword"}"#,
     );
     let (_d2, config) = file_with("job.properties", b"task.limits.state.key.bytes=16\n");
-    let (out, stdout, stderr) = run(kinesis_host()
-        .args(["replay", "--log", "warn"])
-        .arg(guest("word-count"))
-        .arg("--input")
-        .arg(&input)
-        .arg("--config")
-        .arg(&config));
+    let (out, stdout, stderr) = run(&mut replay("word-count", &input, &config));
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("State write refused"), "{stderr}");
     assert!(stderr.contains("task.limits.state.key.bytes"), "{stderr}");

@@ -51,24 +51,15 @@ pub fn create_stream(c: &AwsClients, name: &str, shards: i32) {
             .send()
             .await
             .expect("CreateStream");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let d = c
-                .kinesis
-                .describe_stream_summary()
-                .stream_name(name)
-                .send()
-                .await
-                .expect("Describe");
-            let status =
-                d.stream_description_summary().map(|s| s.stream_status().as_str().to_owned());
-            if status.as_deref() == Some("ACTIVE") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "stream {name} never became ACTIVE");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     });
+    wait_active(c, name);
+}
+
+/// Creates each `(stream, shards)` with [`create_stream`].
+pub fn create_streams(c: &AwsClients, streams: &[(&str, i32)]) {
+    for (name, shards) in streams {
+        create_stream(c, name, *shards);
+    }
 }
 
 /// Puts `(partition key, data)` records one by one (so per-key order is the put order);
@@ -133,17 +124,38 @@ pub fn read_all(c: &AwsClients, stream: &str) -> Vec<(String, String)> {
     })
 }
 
-pub fn lease_items(
-    c: &AwsClients,
-    table: &str,
-) -> Vec<std::collections::HashMap<String, AttributeValue>> {
+/// One item of a lease table, by attribute name.
+pub type LeaseItem = std::collections::HashMap<String, AttributeValue>;
+
+/// Every item of lease table `table`, in lease key order.
+pub fn lease_items(c: &AwsClients, table: &str) -> Vec<LeaseItem> {
     rt().block_on(async {
         let out =
             c.dynamodb.scan().table_name(table).consistent_read(true).send().await.expect("Scan");
         let mut items = out.items().to_vec();
-        items.sort_by_key(|i| i.get("leaseKey").and_then(|v| v.as_s().ok()).cloned());
+        items.sort_by_key(|i| string_attr(i, "leaseKey").map(str::to_owned));
         items
     })
+}
+
+/// The leases in `table`, by lease key (the shard id).
+pub fn leases(c: &AwsClients, table: &str) -> BTreeMap<String, LeaseItem> {
+    lease_items(c, table)
+        .into_iter()
+        .map(|i| (string_attr(&i, "leaseKey").unwrap_or_default().to_owned(), i))
+        .collect()
+}
+
+/// Attribute `name` of a lease item, when it is a string.
+pub fn string_attr<'a>(item: &'a LeaseItem, name: &str) -> Option<&'a str> {
+    item.get(name).and_then(|v| v.as_s().ok()).map(String::as_str)
+}
+
+/// Attribute `name` of a lease item, when it is a string set, sorted.
+pub fn string_set_attr(item: &LeaseItem, name: &str) -> Option<Vec<String>> {
+    let mut set = item.get(name).and_then(|v| v.as_ss().ok()).cloned()?;
+    set.sort();
+    Some(set)
 }
 
 pub fn job_properties(
@@ -213,6 +225,12 @@ impl Host {
         self.0.id().to_string()
     }
 
+    /// [`Host::stop`], asserting that the host exited successfully (showing its `log` if not).
+    pub fn stop_cleanly(self, log: &std::path::Path) {
+        let status = self.stop();
+        assert!(status.success(), "exit {status}; log:\n{}", log_text(log));
+    }
+
     /// SIGTERM, then waits (bounded) for a clean exit.
     pub fn stop(mut self) -> std::process::ExitStatus {
         let pid = self.0.id().to_string();
@@ -252,10 +270,42 @@ pub fn wait_for_records(
             Instant::now() < deadline,
             "only {} of {n} records reached {stream}; host log:\n{}",
             got.len(),
-            std::fs::read_to_string(log).unwrap_or_default()
+            log_text(log)
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Puts `records` into `input` (see [`put`]), adds them to `sent`, and waits (bounded) until
+/// `output` holds as many records as `sent`; returns what `output` holds.
+pub fn put_and_wait(
+    c: &AwsClients,
+    input: &str,
+    records: Vec<(String, String)>,
+    sent: &mut Vec<(String, String)>,
+    output: &str,
+    log: &std::path::Path,
+) -> Vec<(String, String)> {
+    put(c, input, &records);
+    sent.extend(records);
+    wait_for_records(c, output, sent.len(), log)
+}
+
+/// Runs `echo-task` with `config` (its log in `log`) until `output` holds as many records as were
+/// `sent`, stops it cleanly, and asserts that each record sent came out exactly once, in order per
+/// partition key (with one output shard). Returns what came out.
+pub fn echo_exactly_once(
+    c: &AwsClients,
+    config: &std::path::Path,
+    log: &std::path::Path,
+    output: &str,
+    sent: &[(String, String)],
+) -> Vec<(String, String)> {
+    let host = Host::start(config, log);
+    let got = wait_for_records(c, output, sent.len(), log);
+    host.stop_cleanly(log);
+    assert_eq!(by_key(&got), by_key(sent), "each record once, in order per key");
+    got
 }
 
 pub fn numbered(keys: usize, per_key: usize, from: usize) -> Vec<(String, String)> {
@@ -275,6 +325,11 @@ pub fn by_key(records: &[(String, String)]) -> BTreeMap<String, Vec<String>> {
     map
 }
 
+/// The host log's text so far (empty when there is none yet).
+pub fn log_text(log: &std::path::Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
 /// Waits (bounded) until the host log contains `pattern` at least `n` times.
 pub fn wait_for_log(log: &std::path::Path, pattern: &str, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -288,9 +343,10 @@ pub fn wait_for_log(log: &std::path::Path, pattern: &str, n: usize) {
     }
 }
 
-/// Splits the stream's first shard at the middle of the hash range; returns the parent's id.
+/// Splits the stream's first shard at the middle of the hash range and waits until the stream is
+/// active again; returns the parent's id.
 pub fn split(c: &AwsClients, stream: &str) -> String {
-    rt().block_on(async {
+    let parent = rt().block_on(async {
         let shards = c.kinesis.list_shards().stream_name(stream).send().await.expect("ListShards");
         let parent = shards.shards()[0].shard_id().to_owned();
         c.kinesis
@@ -302,9 +358,28 @@ pub fn split(c: &AwsClients, stream: &str) -> String {
             .await
             .expect("SplitShard");
         parent
-    })
+    });
+    wait_active(c, stream);
+    parent
 }
 
+/// Merges the two adjacent shards `shards` of `stream` and waits until it is active again.
+pub fn merge(c: &AwsClients, stream: &str, shards: &[String]) {
+    let [a, b] = shards else { panic!("merge takes two shards, not {shards:?}") };
+    rt().block_on(async {
+        c.kinesis
+            .merge_shards()
+            .stream_name(stream)
+            .shard_to_merge(a)
+            .adjacent_shard_to_merge(b)
+            .send()
+            .await
+            .expect("MergeShards");
+    });
+    wait_active(c, stream);
+}
+
+/// Waits (bounded) until `stream` is `ACTIVE`.
 pub fn wait_active(c: &AwsClients, stream: &str) {
     rt().block_on(async {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -374,13 +449,47 @@ pub async fn create_lease_table(c: &AwsClients, table: &str) {
 
 /// Each lease's checkpoint, by shard.
 pub fn checkpoints(c: &AwsClients, table: &str) -> BTreeMap<String, String> {
-    lease_items(c, table)
-        .iter()
-        .map(|i| {
-            let get = |k: &str| i.get(k).and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
-            (get("leaseKey"), get("checkpoint"))
-        })
+    leases(c, table)
+        .into_iter()
+        .map(|(shard, i)| (shard, string_attr(&i, "checkpoint").unwrap_or_default().to_owned()))
         .collect()
+}
+
+/// Writes the lease of `shard` into `table` as a Java KCL worker that is gone leaves it: owned
+/// by that worker, and checkpointed at `(checkpoint, sub_sequence)`.
+pub async fn put_lease_of_a_gone_worker(
+    c: &AwsClients,
+    table: &str,
+    shard: &str,
+    checkpoint: &str,
+    sub_sequence: u64,
+) {
+    c.dynamodb
+        .put_item()
+        .table_name(table)
+        .item("leaseKey", AttributeValue::S(shard.to_owned()))
+        .item("leaseOwner", AttributeValue::S("java-kcl-worker-gone".into()))
+        .item("leaseCounter", AttributeValue::N("41".into()))
+        .item("ownerSwitchesSinceCheckpoint", AttributeValue::N("0".into()))
+        .item("checkpoint", AttributeValue::S(checkpoint.to_owned()))
+        .item("checkpointSubSequenceNumber", AttributeValue::N(sub_sequence.to_string()))
+        .send()
+        .await
+        .expect("PutItem");
+}
+
+/// A KPL aggregate of `(partition key, data)` user records, as a producer puts it.
+pub fn kpl_aggregate(users: &[(String, String)]) -> Vec<u8> {
+    use kinesis_host_coordinator::kpl::{AggregateEntry, aggregate};
+    let entries: Vec<AggregateEntry<'_>> = users
+        .iter()
+        .map(|(k, d)| AggregateEntry {
+            partition_key: k,
+            explicit_hash_key: None,
+            data: d.as_bytes(),
+        })
+        .collect();
+    aggregate(&entries)
 }
 
 pub fn decimal_at_least(a: &str, b: &str) -> bool {

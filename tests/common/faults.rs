@@ -5,6 +5,8 @@
 //! Include it from a test file with
 //!
 //! ```ignore
+//! #[path = "common/http_proxy.rs"]
+//! mod http_proxy;
 //! #[path = "common/faults.rs"]
 //! mod faults;
 //! ```
@@ -39,23 +41,18 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::{self, JoinHandle};
+use std::io::{self, BufReader, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Timeout of every read and write on client and upstream connections.
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
+use super::http_proxy::{
+    BodyKind, Connections, Registration, Server, eof, lock, plain_response, read_body, read_head,
+};
+
 /// Upstream connections idle for longer are not reused (Node servers close idle ones after 5 s).
 const UPSTREAM_IDLE: Duration = Duration::from_secs(4);
-/// Longest accepted line of a message head or of chunked framing.
-const MAX_LINE: u64 = 16 * 1024;
-/// Most header lines (and chunked trailer lines) accepted in one message.
-const MAX_HEADERS: usize = 200;
-/// Largest accepted message body (GetRecords responses can reach about 14 MiB).
-const MAX_BODY: u64 = 256 * 1024 * 1024;
 
 /// What the proxy does instead of forwarding a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,9 +83,8 @@ pub struct Rule {
 /// A running proxy; see the module documentation. Dropping it stops it.
 #[derive(Debug)]
 pub struct FaultProxy {
-    addr: SocketAddr,
+    server: Server,
     shared: Arc<Shared>,
-    accept: Option<JoinHandle<()>>,
 }
 
 impl FaultProxy {
@@ -109,14 +105,8 @@ impl FaultProxy {
             );
         }
         let upstream = upstream_addr(upstream);
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .unwrap_or_else(|e| panic!("FaultProxy cannot listen on 127.0.0.1: {e}"));
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|e| panic!("FaultProxy cannot read its listening address: {e}"));
         let shared = Arc::new(Shared {
             upstream,
-            stop: AtomicBool::new(false),
             forwarded: AtomicU64::new(0),
             responses: AtomicU64::new(0),
             state: Mutex::new(State {
@@ -127,22 +117,17 @@ impl FaultProxy {
                 requests: HashMap::new(),
                 injected: HashMap::new(),
             }),
-            sockets: Mutex::new(Sockets::default()),
-            connections: Mutex::new(Vec::new()),
         });
-        let accept = thread::Builder::new()
-            .name("fault-proxy-accept".into())
-            .spawn({
-                let shared = Arc::clone(&shared);
-                move || accept_loop(&listener, &shared)
-            })
-            .unwrap_or_else(|e| panic!("FaultProxy cannot start its accept thread: {e}"));
-        FaultProxy { addr, shared, accept: Some(accept) }
+        let server = Server::start("FaultProxy", {
+            let shared = Arc::clone(&shared);
+            move |connections, client| serve(&shared, connections, client)
+        });
+        FaultProxy { server, shared }
     }
 
     /// The endpoint to give clients instead of the upstream's: `http://127.0.0.1:<port>`.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.server.addr())
     }
 
     /// How many faults were injected into requests whose `X-Amz-Target` ends with
@@ -163,38 +148,14 @@ impl FaultProxy {
     }
 }
 
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        // Unblock accept() with a connection of our own; without it the thread cannot be joined.
-        let woke = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5)).is_ok();
-        if let Some(accept) = self.accept.take()
-            && woke
-        {
-            let _ = accept.join();
-        }
-        // Wake every connection thread blocked on a client or upstream socket.
-        for socket in lock(&self.shared.sockets).open.values() {
-            let _ = socket.shutdown(Shutdown::Both);
-        }
-        let connections = std::mem::take(&mut *lock(&self.shared.connections));
-        for connection in connections {
-            let _ = connection.join();
-        }
-    }
-}
-
-/// State shared by the proxy handle, the accept thread and the connection threads.
+/// State shared by the proxy handle and the connection threads.
 #[derive(Debug)]
 struct Shared {
     upstream: SocketAddr,
-    stop: AtomicBool,
     forwarded: AtomicU64,
     /// Numbers the `x-amzn-RequestId` of injected responses.
     responses: AtomicU64,
     state: Mutex<State>,
-    sockets: Mutex<Sockets>,
-    connections: Mutex<Vec<JoinHandle<()>>>,
 }
 
 #[derive(Debug)]
@@ -213,13 +174,6 @@ struct RuleState {
     matched: u32,
     /// Faults injected so far.
     fired: u32,
-}
-
-/// Clones of every open client and upstream socket, so that dropping the proxy can shut them down.
-#[derive(Debug, Default)]
-struct Sockets {
-    next_id: u64,
-    open: HashMap<u64, TcpStream>,
 }
 
 impl Shared {
@@ -245,41 +199,6 @@ impl Shared {
         }
         chosen
     }
-
-    fn stopping(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
-    }
-}
-
-/// Keeps a clone of a socket in [`Shared::sockets`]; dropping it shuts the socket down.
-#[derive(Debug)]
-struct Registration {
-    shared: Arc<Shared>,
-    id: u64,
-}
-
-impl Registration {
-    fn new(shared: &Arc<Shared>, stream: &TcpStream) -> io::Result<Registration> {
-        let clone = stream.try_clone()?;
-        let mut sockets = lock(&shared.sockets);
-        let id = sockets.next_id;
-        sockets.next_id += 1;
-        sockets.open.insert(id, clone);
-        Ok(Registration { shared: Arc::clone(shared), id })
-    }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        let socket = lock(&self.shared.sockets).open.remove(&self.id);
-        if let Some(socket) = socket {
-            let _ = socket.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn sum_matching(counts: &HashMap<String, u32>, suffix: &str) -> u32 {
@@ -299,49 +218,22 @@ fn upstream_addr(upstream: &str) -> SocketAddr {
         .unwrap_or_else(|| panic!("FaultProxy cannot resolve the upstream {upstream:?}"))
 }
 
-fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
-    loop {
-        let accepted = listener.accept();
-        if shared.stopping() {
-            break;
-        }
-        let Ok((stream, _)) = accepted else {
-            // For example too many open files: do not spin.
-            thread::sleep(Duration::from_millis(10));
-            continue;
-        };
-        let Ok(registration) = Registration::new(shared, &stream) else { continue };
-        let worker = Arc::clone(shared);
-        let spawned = thread::Builder::new()
-            .name("fault-proxy-conn".into())
-            .spawn(move || serve(&worker, stream, registration));
-        if let Ok(handle) = spawned {
-            let mut connections = lock(&shared.connections);
-            connections.retain(|connection| !connection.is_finished());
-            connections.push(handle);
-        }
-    }
-}
-
 /// Serves the requests of one client connection until it closes, fails or the proxy stops.
-fn serve(shared: &Arc<Shared>, client: TcpStream, _registration: Registration) {
-    let _ = client.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = client.set_write_timeout(Some(IO_TIMEOUT));
-    let _ = client.set_nodelay(true);
+fn serve(shared: &Shared, connections: &Arc<Connections>, client: TcpStream) {
     let mut client = BufReader::new(client);
     let mut upstream = None;
-    while !shared.stopping() {
-        match serve_one(shared, &mut client, &mut upstream) {
+    while !connections.stopping() {
+        match serve_one(shared, connections, &mut client, &mut upstream) {
             Ok(true) => {}
             Ok(false) | Err(_) => break,
         }
     }
-    // Dropping `_registration` shuts the client connection down.
 }
 
 /// Reads one request and answers it; `Ok(true)` when the connection stays open.
 fn serve_one(
-    shared: &Arc<Shared>,
+    shared: &Shared,
+    connections: &Arc<Connections>,
     client: &mut BufReader<TcpStream>,
     upstream: &mut Option<Upstream>,
 ) -> io::Result<bool> {
@@ -374,7 +266,7 @@ fn serve_one(
             let status = "500 Internal Server Error";
             error_response(shared, &target, status, "InternalFailure", "injected", keep_alive)
         }
-        None => match forward(shared, upstream, &request, head_request) {
+        None => match forward(shared, connections, upstream, &request, head_request) {
             Ok(response) => {
                 shared.forwarded.fetch_add(1, Ordering::SeqCst);
                 client.get_mut().write_all(&response.bytes)?;
@@ -383,11 +275,7 @@ fn serve_one(
             Err(e) => {
                 *upstream = None;
                 let body = format!("FaultProxy: upstream {} failed: {e}", shared.upstream);
-                let response = format!(
-                    "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\n\
-                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
+                let response = plain_response("502 Bad Gateway", &body);
                 client.get_mut().write_all(response.as_bytes())?;
                 return Ok(false);
             }
@@ -444,16 +332,8 @@ struct Response {
 }
 
 impl Upstream {
-    fn connect(shared: &Arc<Shared>) -> io::Result<Upstream> {
-        let stream = TcpStream::connect_timeout(&shared.upstream, IO_TIMEOUT)?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        stream.set_write_timeout(Some(IO_TIMEOUT))?;
-        stream.set_nodelay(true)?;
-        let registration = Registration::new(shared, &stream)?;
-        // Registered after the proxy began stopping: its sockets were already shut down.
-        if shared.stopping() {
-            return Err(io::Error::other("the proxy is stopping"));
-        }
+    fn connect(shared: &Shared, connections: &Arc<Connections>) -> io::Result<Upstream> {
+        let (stream, registration) = connections.connect(&shared.upstream)?;
         Ok(Upstream {
             reader: BufReader::new(stream),
             last_used: Instant::now(),
@@ -496,7 +376,8 @@ impl Upstream {
 /// Forwards a request over the client connection's upstream connection, opening it when needed
 /// and once more when a reused connection turns out to be closed.
 fn forward(
-    shared: &Arc<Shared>,
+    shared: &Shared,
+    connections: &Arc<Connections>,
     slot: &mut Option<Upstream>,
     request: &[u8],
     head_request: bool,
@@ -507,13 +388,13 @@ fn forward(
     let reused = slot.is_some();
     let upstream = match slot {
         Some(upstream) => upstream,
-        None => slot.insert(Upstream::connect(shared)?),
+        None => slot.insert(Upstream::connect(shared, connections)?),
     };
     let response = match upstream.exchange(request, head_request) {
         Ok(response) => response,
         Err((true, _)) if reused => {
             *slot = None;
-            let upstream = slot.insert(Upstream::connect(shared)?);
+            let upstream = slot.insert(Upstream::connect(shared, connections)?);
             upstream.exchange(request, head_request).map_err(|(_, e)| e)?
         }
         Err((_, e)) => return Err(e),
@@ -561,194 +442,5 @@ fn read_response(
             upstream_reusable: keep_alive && !until_close,
             client_may_continue: keep_alive && !until_close,
         }));
-    }
-}
-
-/// The start line and headers of a request or response.
-#[derive(Debug)]
-struct Head {
-    /// The bytes as received, up to and including the empty line.
-    raw: Vec<u8>,
-    start_line: String,
-    headers: Vec<(String, String)>,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum BodyKind {
-    Empty,
-    Length(u64),
-    Chunked,
-    UntilClose,
-}
-
-impl Head {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-
-    /// Whether a comma-separated header (in any of its lines) holds `token`.
-    fn has_token(&self, name: &str, token: &str) -> bool {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .flat_map(|(_, v)| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    }
-
-    /// `HTTP/1.x` from a request line (last word) or a status line (first word).
-    fn version(&self) -> &str {
-        let mut words = self.start_line.split_whitespace();
-        let first = words.next().unwrap_or_default();
-        if first.starts_with("HTTP/") { first } else { words.last().unwrap_or_default() }
-    }
-
-    fn status(&self) -> io::Result<u16> {
-        self.start_line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .ok_or_else(|| invalid(format!("bad status line {:?}", self.start_line)))
-    }
-
-    fn keep_alive(&self) -> bool {
-        if self.has_token("connection", "close") {
-            return false;
-        }
-        self.version() == "HTTP/1.1" || self.has_token("connection", "keep-alive")
-    }
-
-    fn is_chunked(&self) -> bool {
-        self.has_token("transfer-encoding", "chunked")
-    }
-
-    fn content_length(&self) -> io::Result<Option<u64>> {
-        self.header("content-length")
-            .map(|v| v.parse().map_err(|_| invalid(format!("bad Content-Length {v:?}"))))
-            .transpose()
-    }
-
-    fn request_body(&self) -> io::Result<BodyKind> {
-        Ok(if self.is_chunked() {
-            BodyKind::Chunked
-        } else {
-            self.content_length()?.map_or(BodyKind::Empty, BodyKind::Length)
-        })
-    }
-}
-
-fn invalid(message: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, message)
-}
-
-fn eof(message: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, message)
-}
-
-/// Appends one line (with its line end) to `out` and returns it without the line end;
-/// `Ok(None)` at the end of the stream.
-fn read_line(reader: &mut BufReader<TcpStream>, out: &mut Vec<u8>) -> io::Result<Option<String>> {
-    let start = out.len();
-    let read = reader.by_ref().take(MAX_LINE).read_until(b'\n', out)?;
-    if read == 0 {
-        return Ok(None);
-    }
-    if !out.ends_with(b"\n") {
-        return Err(invalid("line too long or cut off".to_owned()));
-    }
-    let line = String::from_utf8_lossy(&out[start..]);
-    Ok(Some(line.trim_end_matches(['\r', '\n']).to_owned()))
-}
-
-/// Reads a start line and headers; `Ok(None)` when the connection closed (or was reset) before
-/// the first byte.
-fn read_head(reader: &mut BufReader<TcpStream>) -> io::Result<Option<Head>> {
-    let mut raw = Vec::new();
-    let start_line = match read_line(reader, &mut raw) {
-        Ok(Some(line)) if !line.is_empty() => line,
-        Ok(Some(_)) => return Err(invalid("empty start line".to_owned())),
-        Ok(None) => return Ok(None),
-        Err(e)
-            if raw.is_empty()
-                && matches!(
-                    e.kind(),
-                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
-                ) =>
-        {
-            return Ok(None);
-        }
-        Err(e) => return Err(e),
-    };
-    let mut headers = Vec::new();
-    loop {
-        let line = read_line(reader, &mut raw)?.ok_or_else(|| eof("message head cut off"))?;
-        if line.is_empty() {
-            return Ok(Some(Head { raw, start_line, headers }));
-        }
-        if headers.len() == MAX_HEADERS {
-            return Err(invalid("too many header lines".to_owned()));
-        }
-        let (name, value) =
-            line.split_once(':').ok_or_else(|| invalid(format!("bad header line {line:?}")))?;
-        headers.push((name.trim().to_owned(), value.trim().to_owned()));
-    }
-}
-
-/// Appends a body, framing included, to `out`.
-fn read_body(
-    reader: &mut BufReader<TcpStream>,
-    kind: BodyKind,
-    out: &mut Vec<u8>,
-) -> io::Result<()> {
-    match kind {
-        BodyKind::Empty => Ok(()),
-        BodyKind::Length(length) => {
-            if length > MAX_BODY {
-                return Err(invalid(format!("body of {length} bytes is too large")));
-            }
-            read_exactly(reader, length, out)
-        }
-        BodyKind::Chunked => read_chunked(reader, out),
-        BodyKind::UntilClose => {
-            reader.by_ref().take(MAX_BODY).read_to_end(out)?;
-            Ok(())
-        }
-    }
-}
-
-fn read_exactly(
-    reader: &mut BufReader<TcpStream>,
-    length: u64,
-    out: &mut Vec<u8>,
-) -> io::Result<()> {
-    let read = reader.by_ref().take(length).read_to_end(out)?;
-    if read as u64 == length { Ok(()) } else { Err(eof("body cut off")) }
-}
-
-/// Appends a chunked body (chunks, last chunk, trailers, final empty line) to `out`.
-fn read_chunked(reader: &mut BufReader<TcpStream>, out: &mut Vec<u8>) -> io::Result<()> {
-    let mut total = 0u64;
-    loop {
-        let line = read_line(reader, out)?.ok_or_else(|| eof("chunked body cut off"))?;
-        let size = line.split_once(';').map_or(line.as_str(), |(size, _)| size).trim();
-        let size = u64::from_str_radix(size, 16)
-            .map_err(|_| invalid(format!("bad chunk size line {line:?}")))?;
-        total = total.saturating_add(size);
-        if total > MAX_BODY {
-            return Err(invalid("chunked body is too large".to_owned()));
-        }
-        if size == 0 {
-            for _ in 0..=MAX_HEADERS {
-                let trailer = read_line(reader, out)?.ok_or_else(|| eof("trailers cut off"))?;
-                if trailer.is_empty() {
-                    return Ok(());
-                }
-            }
-            return Err(invalid("too many trailer lines".to_owned()));
-        }
-        read_exactly(reader, size, out)?;
-        let end = read_line(reader, out)?.ok_or_else(|| eof("chunk cut off"))?;
-        if !end.is_empty() {
-            return Err(invalid("chunk longer than its size".to_owned()));
-        }
     }
 }

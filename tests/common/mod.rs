@@ -74,6 +74,19 @@ pub fn kinesis_host() -> Command {
     cmd
 }
 
+/// A `kinesis-host replay --log warn` command: guest `task` on the records in `input`, with the
+/// job.properties `config`.
+pub fn replay(task: &str, input: &Path, config: &Path) -> Command {
+    let mut cmd = kinesis_host();
+    cmd.args(["replay", "--log", "warn"])
+        .arg(guest(task))
+        .arg("--input")
+        .arg(input)
+        .arg("--config")
+        .arg(config);
+    cmd
+}
+
 /// Runs `cmd` and returns its output, with stdout and stderr as text.
 pub fn run(cmd: &mut Command) -> (Output, String, String) {
     let output = cmd.output().expect("kinesis-host runs");
@@ -90,4 +103,44 @@ pub fn file_with(name: &str, text: &[u8]) -> (tempfile::TempDir, PathBuf) {
     let path = dir.path().join(name);
     std::fs::write(&path, text).expect("write temporary file");
     (dir, path)
+}
+
+/// A free port of 127.0.0.1, as `127.0.0.1:PORT` (for a host's `metrics.address`).
+pub fn free_address() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// One HTTP/1.0 `GET` of `path` from a host's `metrics.address`: status code, head and body.
+pub fn http_get(address: &str, path: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to metrics.address");
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("read timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").expect("send the request");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read the answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP head");
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status code");
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// The values of the samples of `name` whose labels include `labels`, in a Prometheus exposition.
+pub fn samples<'a>(
+    exposition: &'a str,
+    name: &'a str,
+    labels: &'a [(&str, &str)],
+) -> impl Iterator<Item = f64> + 'a {
+    exposition.lines().filter_map(move |line| {
+        let (set, value) = line.strip_prefix(name)?.strip_prefix('{')?.split_once("} ")?;
+        let has = |(k, v): &(&str, &str)| set.split(',').any(|l| l == format!("{k}=\"{v}\""));
+        labels.iter().all(has).then(|| value.trim().parse().ok()).flatten()
+    })
+}
+
+/// The value of the first sample of `name` whose labels include `labels`.
+pub fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples(exposition, name, labels).next()
 }
