@@ -447,3 +447,39 @@ fn ready_once_every_valid_job_runs_whatever_the_invalid_ones() {
     wait_for_records(&c, out_l, sent.len(), &log);
     serve.stop();
 }
+
+#[test]
+fn a_slow_drain_holds_up_no_other_job() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let jobs = dir.path().join("jobs");
+    std::fs::create_dir(&jobs).expect("jobs folder");
+    let (in_s, out_s) = ("serve-d-in-slow", "serve-d-out-slow");
+    let (in_o, out_o) = ("serve-d-in-other", "serve-d-out-other");
+    for stream in [in_s, out_s, in_o, out_o] {
+        create_stream(&c, stream, 1);
+    }
+    // A batch that spins until its 30 s CPU deadline: stopping this job takes that long, since
+    // a graceful stop lets the batch in flight finish.
+    add_job(&jobs, "slow", "spin-task", in_s, out_s, "task.limits.batch.timeout.ms=30000\n");
+    let log = dir.path().join("serve.log");
+    let serve = Serve::start(&jobs, &log);
+    put(&c, in_s, &[("k".to_owned(), "spin".to_owned())]);
+    serve.wait_for_log("spinning", 1);
+
+    std::fs::remove_dir_all(jobs.join("slow")).expect("remove the slow job");
+    serve.wait_for_log("Job folder removed", 1);
+    // While it drains, a job added later starts and processes its records.
+    add_job(&jobs, "other", "echo-task", in_o, out_o, "");
+    let sent = numbered(2, 3, 0);
+    put(&c, in_o, &sent);
+    wait_for_records(&c, out_o, sent.len(), &log);
+    let text = serve.log_text();
+    assert!(
+        !text.contains("Job stopped."),
+        "the other job waited for the slow one to drain; host log:\n{text}"
+    );
+    serve.wait_for_log("Job stopped.", 1);
+    serve.stop();
+    assert_exactly_once(&read_all(&c, out_o), &sent, "the job added during the drain");
+}

@@ -19,8 +19,10 @@
 //! and the `invalid` state of the jobs gauge) while the previous version, if any, keeps running;
 //! they are tried again when the folder's files change, or on `SIGHUP`. A job that stops on its own
 //! with an error (a stream that does not exist, for example) is reported the same way and also
-//! retried on the next change or `SIGHUP`. The jobs one rescan stops are stopped together, and a
-//! job removed or ended by itself leaves the CPU gate, so it no longer lowers the others' share.
+//! retried on the next change or `SIGHUP`. Stopping jobs drain in the background while the
+//! supervisor goes on (a slow drain holds up only the version that replaces it, or a job taking
+//! over its name or lease tables), and a job removed or ended by itself leaves the CPU gate, so
+//! it no longer lowers the others' share.
 //!
 //! **Sharing.** All jobs share one wasmtime [`Runtime`] (one engine, one epoch ticker, one
 //! compiled-code cache); jobs with `task.limits.fuel.per.batch` share a second runtime whose
@@ -300,6 +302,7 @@ fn parse_job(folder: &str, properties: &Path) -> Result<(JobConfig, RunConfig), 
 }
 
 /// A job ready to start.
+#[derive(Debug)]
 struct Prepared {
     run: RunConfig,
     job: JobConfig,
@@ -310,12 +313,20 @@ struct Prepared {
 /// A job as `serve` last saw it.
 #[derive(Debug)]
 struct Slot {
-    /// The fingerprint of the files last acted on (started, or rejected).
+    /// The fingerprint of the files last acted on (started, waiting to start, or rejected).
     seen: u64,
     /// The version running, if any.
     running: Option<Running>,
+    /// The version that starts once the jobs it takes over from have drained, if any.
+    waiting: Option<Prepared>,
     /// Why the files last seen were rejected, or why the job stopped.
     problem: Option<Problem>,
+}
+
+impl Slot {
+    fn empty() -> Self {
+        Self { seen: 0, running: None, waiting: None, problem: None }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,6 +346,18 @@ struct Running {
 
 /// A job's run ended: folder, generation, outcome.
 type Ended = (String, u64, Result<(), String>);
+
+/// A job told to stop, draining its batches in flight: until it has checkpointed and released
+/// its leases, no job that takes over its folder, job name or lease tables starts.
+#[derive(Debug)]
+struct Draining {
+    folder: String,
+    job_name: String,
+    tables: BTreeSet<String>,
+    /// Whether the CPU gate forgets the job name once it has stopped (no version of the job
+    /// goes on under that name).
+    retire: bool,
+}
 
 /// `/healthz` and `/readyz` of `serve`, over all its jobs.
 ///
@@ -467,6 +490,9 @@ struct Supervisor {
     ended: mpsc::UnboundedSender<Ended>,
     digests: Digests,
     health: Arc<JobsHealth>,
+    /// Jobs stopping, by the task in `drains` that waits for each.
+    draining: HashMap<tokio::task::Id, Draining>,
+    drains: tokio::task::JoinSet<()>,
 }
 
 /// Runs every job of `config.jobs_dir` until `shutdown` becomes true, then stops them all
@@ -520,6 +546,8 @@ pub async fn serve(
         ended: ended_tx,
         digests: Digests::default(),
         health,
+        draining: HashMap::new(),
+        drains: tokio::task::JoinSet::new(),
     };
     let gate = supervisor.gate.config();
     tracing::info!(jobs = %dir.display(), max_concurrent_calls = gate.max_concurrent_calls, penalty_factor = gate.penalty_factor, "Serving jobs.");
@@ -539,6 +567,7 @@ pub async fn serve(
             Some((folder, generation, outcome)) = ended.recv() => {
                 supervisor.job_ended(&folder, generation, outcome);
             }
+            Some(drained) = supervisor.drains.join_next_with_id() => supervisor.drained(drained),
         }
     }
     tracing::info!(
@@ -661,9 +690,8 @@ impl Supervisor {
                 return;
             }
         };
-        let mut stopping: Vec<Running> = Vec::new();
-        // Job names the gate forgets once their jobs have stopped.
-        let mut retired: Vec<String> = Vec::new();
+        // Jobs to stop, each with whether the gate forgets its name once it has stopped.
+        let mut stopping: Vec<(String, Running, bool)> = Vec::new();
         let gone: Vec<String> =
             self.slots.keys().filter(|f| !folders.contains_key(*f)).cloned().collect();
         for folder in gone {
@@ -671,8 +699,7 @@ impl Supervisor {
             if let Some(slot) = self.slots.remove(&folder) {
                 if let Some(running) = slot.running {
                     tracing::info!(folder, job = %running.job_name, "Job folder removed: stopping the job.");
-                    retired.push(running.job_name.clone());
-                    stopping.push(running);
+                    stopping.push((folder, running, true));
                 } else {
                     // Never started, or ended by itself (and then unregistered from the gate).
                     tracing::info!(folder, "Job folder removed.");
@@ -684,12 +711,14 @@ impl Supervisor {
             .slots
             .iter()
             .filter_map(|(folder, slot)| {
-                let running = slot.running.as_ref()?;
-                Some((folder.clone(), (running.job_name.clone(), running.tables.clone())))
+                let (job_name, tables) = match (&slot.running, &slot.waiting) {
+                    (Some(r), _) => (&r.job_name, &r.tables),
+                    (None, Some(w)) => (&w.job.job_name, &w.tables),
+                    (None, None) => return None,
+                };
+                Some((folder.clone(), (job_name.clone(), tables.clone())))
             })
             .collect();
-        let mut starts: Vec<(String, u64, Prepared)> = Vec::new();
-        let mut replaced: BTreeSet<String> = BTreeSet::new();
         for (folder, files) in folders {
             let files = match files {
                 Ok(files) => files,
@@ -708,7 +737,7 @@ impl Supervisor {
             if unchanged && (healthy || !retry) {
                 continue;
             }
-            if slot.is_none_or(|s| s.running.is_none()) {
+            if slot.is_none_or(|s| s.running.is_none() && s.waiting.is_none()) {
                 self.health.set(&folder, JobState::Validating);
             }
             match self.prepare(&folder, &files, &claims).await {
@@ -717,56 +746,61 @@ impl Supervisor {
                         folder.clone(),
                         (prepared.job.job_name.clone(), prepared.tables.clone()),
                     );
-                    if let Some(running) =
-                        self.slots.get_mut(&folder).and_then(|s| s.running.take())
-                    {
+                    let slot = self.slots.entry(folder.clone()).or_insert_with(Slot::empty);
+                    if let Some(running) = slot.running.take() {
                         tracing::info!(folder, job = %running.job_name, "Job changed: stopping the running version (checkpoint and release), then starting the new one.");
-                        if running.job_name != prepared.job.job_name {
-                            retired.push(running.job_name.clone());
-                        }
-                        replaced.insert(folder.clone());
-                        stopping.push(running);
+                        let retire = running.job_name != prepared.job.job_name;
+                        stopping.push((folder.clone(), running, retire));
                     }
-                    starts.push((folder, files.fingerprint, prepared));
+                    // The files acted on; a version still waiting is superseded by this one.
+                    *slot = Slot {
+                        seen: files.fingerprint,
+                        running: None,
+                        waiting: Some(prepared),
+                        problem: None,
+                    };
                 }
                 Err(error) => self.reject(&folder, files.fingerprint, &error),
             }
         }
-        // A new version waits for its old one; a job taking a name or a lease table that a
-        // stopping job releases waits for it too.
-        let (later, now): (Vec<_>, Vec<_>) =
-            starts.into_iter().partition(|(folder, _, prepared)| {
-                replaced.contains(folder)
-                    || stopping.iter().any(|r| {
-                        r.job_name == prepared.job.job_name
-                            || !r.tables.is_disjoint(&prepared.tables)
-                    })
-            });
-        for (folder, _, prepared) in &later {
-            self.health.set(folder, JobState::Swapping { job: prepared.job.job_name.clone() });
+        self.stop(stopping);
+        self.start_waiting();
+    }
+
+    /// Starts every waiting version that no draining job holds up: a new version waits for its
+    /// old one, and a job taking a name or a lease table that a stopping job still holds waits
+    /// for that job to release it. The others stay in [`JobState::Swapping`].
+    fn start_waiting(&mut self) {
+        let blocked = |folder: &str, prepared: &Prepared| {
+            self.draining.values().any(|d| {
+                d.folder == folder
+                    || d.job_name == prepared.job.job_name
+                    || !d.tables.is_disjoint(&prepared.tables)
+            })
+        };
+        let mut ready = Vec::new();
+        for (folder, slot) in &self.slots {
+            let Some(prepared) = &slot.waiting else { continue };
+            if blocked(folder, prepared) {
+                self.health.set(folder, JobState::Swapping { job: prepared.job.job_name.clone() });
+            } else {
+                ready.push(folder.clone());
+            }
         }
-        for (folder, fingerprint, prepared) in now {
-            self.start(&folder, fingerprint, prepared);
-        }
-        self.publish_counts();
-        self.stop(stopping).await;
-        for job in retired {
-            self.gate.unregister(&job);
-        }
-        for (folder, fingerprint, prepared) in later {
-            self.start(&folder, fingerprint, prepared);
+        for folder in ready {
+            if let Some(slot) = self.slots.get_mut(&folder)
+                && let Some(prepared) = slot.waiting.take()
+            {
+                self.start(&folder, prepared);
+            }
         }
         self.publish_counts();
     }
 
     /// Reports `error` for `folder`, keeping whatever version of it runs.
     fn reject(&mut self, folder: &str, fingerprint: u64, error: &JobFilesError) {
-        let slot = self.slots.entry(folder.to_owned()).or_insert(Slot {
-            seen: 0,
-            running: None,
-            problem: None,
-        });
-        if slot.running.is_none() {
+        let slot = self.slots.entry(folder.to_owned()).or_insert_with(Slot::empty);
+        if slot.running.is_none() && slot.waiting.is_none() {
             // Readiness concerns the jobs that run; this one is reported (below, or before).
             self.health.forget(folder);
         }
@@ -775,7 +809,11 @@ impl Supervisor {
         }
         slot.seen = fingerprint;
         slot.problem = Some(Problem::Invalid);
-        let keeps = slot.running.as_ref().map(|r| r.job_name.clone());
+        let keeps = slot
+            .running
+            .as_ref()
+            .map(|r| r.job_name.clone())
+            .or_else(|| slot.waiting.as_ref().map(|w| w.job.job_name.clone()));
         match keeps {
             Some(job) => {
                 tracing::error!(folder, %error, running = %job, "Job files rejected; the previous version keeps running. Fix the files to retry.")
@@ -865,7 +903,8 @@ impl Supervisor {
         Ok(runtime)
     }
 
-    fn start(&mut self, folder: &str, fingerprint: u64, prepared: Prepared) {
+    /// Starts `prepared` as the running version of `folder`'s job.
+    fn start(&mut self, folder: &str, prepared: Prepared) {
         let Prepared { run, job, component, tables } = prepared;
         let generation = self.next_generation;
         self.next_generation += 1;
@@ -886,33 +925,65 @@ impl Supervisor {
             let _ = ended.send((folder_name, generation, outcome));
         });
         let running = Running { job_name, tables, generation, stop, handle };
-        self.slots.insert(
-            folder.to_owned(),
-            Slot { seen: fingerprint, running: Some(running), problem: None },
-        );
+        let slot = self.slots.entry(folder.to_owned()).or_insert_with(Slot::empty);
+        slot.running = Some(running);
+        slot.problem = None;
     }
 
-    /// Stops jobs gracefully, all at once, and waits for them all.
-    async fn stop(&self, running: Vec<Running>) {
-        for r in &running {
-            let _ = r.stop.send(true);
+    /// Tells jobs to stop gracefully, all at once, without waiting: each drains its batches in
+    /// flight, checkpoints and releases its leases while the others, and the supervisor, go on
+    /// (one slow drain must not hold up other jobs' changes). [`Self::drained`] follows.
+    fn stop(&mut self, running: Vec<(String, Running, bool)>) {
+        for (folder, r, retire) in running {
+            let Running { job_name, tables, stop, handle, .. } = r;
+            let _ = stop.send(true);
             // A penalty must not hold up the batches in flight.
-            self.gate.stopping(&r.job_name);
-        }
-        // Every job was told to stop before the first is awaited: they drain side by side.
-        for r in running {
-            if let Err(error) = r.handle.await {
-                tracing::error!(job = %r.job_name, %error, "The job's task panicked while stopping.");
-            }
-            tracing::info!(job = %r.job_name, "Job stopped.");
+            self.gate.stopping(&job_name);
+            let job = job_name.clone();
+            let task = self.drains.spawn(async move {
+                // The job's stop signal stays set (and its sender alive) until it has stopped.
+                let _stop = stop;
+                if let Err(error) = handle.await {
+                    tracing::error!(job, %error, "The job's task panicked while stopping.");
+                }
+            });
+            let draining = Draining { folder, job_name, tables, retire };
+            self.draining.insert(task.id(), draining);
         }
     }
 
-    /// All jobs, in parallel.
+    /// A stopping job has drained (or its task failed): what waited for it starts.
+    fn drained(&mut self, outcome: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let id = match outcome {
+            Ok((id, ())) => id,
+            Err(error) => {
+                tracing::error!(%error, "Waiting for a stopping job failed.");
+                error.id()
+            }
+        };
+        let Some(draining) = self.draining.remove(&id) else { return };
+        tracing::info!(folder = %draining.folder, job = %draining.job_name, "Job stopped.");
+        if draining.retire {
+            self.gate.unregister(&draining.job_name);
+        }
+        self.start_waiting();
+    }
+
+    /// All jobs, in parallel, and waits until every one (and every one already stopping) has
+    /// drained.
     async fn stop_all(&mut self) {
-        let running: Vec<Running> =
-            self.slots.values_mut().filter_map(|s| s.running.take()).collect();
-        self.stop(running).await;
+        let running: Vec<(String, Running, bool)> = self
+            .slots
+            .iter_mut()
+            .filter_map(|(folder, s)| Some((folder.clone(), s.running.take()?, true)))
+            .collect();
+        self.stop(running);
+        while let Some(outcome) = self.drains.join_next_with_id().await {
+            let id = outcome.as_ref().map_or_else(tokio::task::JoinError::id, |(id, ())| *id);
+            if let Some(draining) = self.draining.remove(&id) {
+                tracing::info!(folder = %draining.folder, job = %draining.job_name, "Job stopped.");
+            }
+        }
     }
 
     /// A job's run ended without being asked to stop (asked-for stops are awaited in place).
@@ -946,11 +1017,14 @@ impl Supervisor {
 
     fn publish_counts(&self) {
         let mut running = 0;
+        let mut swapping = 0;
         let mut invalid = 0;
         let mut failed = 0;
         for slot in self.slots.values() {
             if slot.running.is_some() {
                 running += 1;
+            } else if slot.waiting.is_some() {
+                swapping += 1;
             }
             match slot.problem {
                 Some(Problem::Invalid) => invalid += 1,
@@ -959,6 +1033,7 @@ impl Supervisor {
             }
         }
         metrics::gauge!(JOBS, "state" => "running").set(f64::from(running));
+        metrics::gauge!(JOBS, "state" => "swapping").set(f64::from(swapping));
         metrics::gauge!(JOBS, "state" => "invalid").set(f64::from(invalid));
         metrics::gauge!(JOBS, "state" => "failed").set(f64::from(failed));
     }
