@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aws::*;
-use common::{guest, kinesis_host};
+use common::{free_address, guest, kinesis_host, sample};
 
 /// A running `kinesis-host serve`, killed if the test fails.
 struct Serve {
@@ -26,11 +26,7 @@ struct Serve {
 
 impl Serve {
     fn start(jobs: &Path, log: &Path) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let address = format!("127.0.0.1:{port}");
+        let address = free_address();
         let file = std::fs::File::create(log).expect("log file");
         let child = Command::new(kinesis_host().get_program())
             .envs(kinesis_host().get_envs().filter_map(|(k, v)| Some((k, v?))))
@@ -116,15 +112,6 @@ impl Drop for Serve {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The value of the sample of `name` whose labels include `labels`.
-fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    exposition.lines().find_map(|line| {
-        let (set, value) = line.strip_prefix(name)?.strip_prefix('{')?.split_once("} ")?;
-        let has = |(k, v): &(&str, &str)| set.split(',').any(|l| l == format!("{k}=\"{v}\""));
-        labels.iter().all(has).then(|| value.trim().parse().ok()).flatten()
-    })
 }
 
 /// Creates job folder `name` under `jobs` atomically (written aside, then renamed into place),
