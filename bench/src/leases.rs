@@ -127,8 +127,17 @@ pub fn run(args: &LeasesArgs) -> Result<()> {
             runtime.block_on(seed(&clients, &name, args.shards))?;
             let dir = out_dir.join(&name);
             std::fs::create_dir_all(&dir)?;
-            let t = one_round(binary, &guest, &dir, &name, &host_dynamodb, args.shards, deadline)?;
-            let owned = runtime.block_on(owned(&clients, &name))?;
+            let owners = || runtime.block_on(owned(&clients, &name));
+            let (t, owned) = one_round(
+                binary,
+                &guest,
+                &dir,
+                &name,
+                &host_dynamodb,
+                args.shards,
+                deadline,
+                owners,
+            )?;
             if owned != args.shards {
                 bail!(
                     "{label}, round {round}: {owned} of {} leases owned after the host took them all",
@@ -238,8 +247,10 @@ async fn owned(clients: &AwsClients, table: &str) -> Result<usize> {
     }
 }
 
-/// Starts `binary` on lease table `table` and a stand-in of `shards` shards; returns its times
-/// once it took every lease and started every shard, after stopping it.
+/// Starts `binary` on lease table `table` and a stand-in of `shards` shards; once it took every
+/// lease and started every shard, counts the owned leases with `owners`, stops the host and
+/// returns its times and that count.
+#[allow(clippy::too_many_arguments)]
 fn one_round(
     binary: &Path,
     guest: &Path,
@@ -248,7 +259,8 @@ fn one_round(
     dynamodb: &str,
     shards: usize,
     deadline: Instant,
-) -> Result<Times> {
+    owners: impl FnOnce() -> Result<usize>,
+) -> Result<(Times, usize)> {
     let standin = StandIn::start(
         Shape { shards, records_per_call: 1, record_size: 16 },
         Duration::from_secs(600),
@@ -336,6 +348,8 @@ fn one_round(
         }
         std::thread::sleep(Duration::from_millis(5));
     };
+    // Before the stop, which releases every lease.
+    let result = result.and_then(|times| Ok((times, owners()?)));
     // SIGTERM: the host releases its leases; then it is gone either way.
     if let Ok(pid) = libc::pid_t::try_from(child.id()) {
         // SAFETY: `kill` has no memory-safety preconditions; the pid is our unreaped child.
