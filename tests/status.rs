@@ -168,3 +168,78 @@ fn a_job_that_never_ran_is_one_clear_error() {
         }
     }
 }
+
+#[test]
+fn a_pending_hand_off_shows_both_hosts() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, table) = ("status-handoff-in", "handoff-1-status-handoff-in");
+    create_stream(&c, input, 2);
+    let shards = aws::open_shards(&c, input);
+    assert_eq!(shards.len(), 2, "{shards:?}");
+    // host-b asked host-a for the first lease (KCL 3.x's mark: the taker in `leaseOwner`, the
+    // owner still processing in `checkpointOwner`); host-a holds the second one plainly.
+    aws::rt().block_on(async {
+        aws::create_lease_table(&c, table).await;
+        for (shard, owner, checkpoint_owner) in
+            [(&shards[0], "host-b", Some("host-a")), (&shards[1], "host-a", None)]
+        {
+            let mut put = c
+                .dynamodb
+                .put_item()
+                .table_name(table)
+                .item("leaseKey", AttributeValue::S(shard.clone()))
+                .item("leaseOwner", AttributeValue::S(owner.into()))
+                .item("leaseCounter", AttributeValue::N("7".into()))
+                .item("checkpoint", AttributeValue::S("TRIM_HORIZON".into()))
+                .item("checkpointSubSequenceNumber", AttributeValue::N("0".into()))
+                .item("ownerSwitchesSinceCheckpoint", AttributeValue::N("0".into()));
+            if let Some(from) = checkpoint_owner {
+                put = put.item("checkpointOwner", AttributeValue::S(from.into()));
+            }
+            put.send().await.expect("PutItem");
+        }
+    });
+    let config = job_properties(dir.path(), "handoff", input, "status-handoff-out");
+
+    let doc = status_json(&config);
+    let s = &doc[0];
+    assert_eq!(s["error"], Value::Null, "{doc:#}");
+    let rows = s["shards"].as_array().expect("shards");
+    assert_eq!(rows.len(), 2, "{doc:#}");
+    assert_eq!(rows[0]["shard_id"], shards[0].as_str());
+    assert_eq!(rows[0]["owner"], "host-b", "leaseOwner as written: {doc:#}");
+    assert_eq!(rows[0]["handoff"], serde_json::json!({"from": "host-a", "to": "host-b"}));
+    assert_eq!(rows[1]["owner"], "host-a");
+    assert_eq!(rows[1]["handoff"], Value::Null, "{doc:#}");
+    assert_eq!(s["totals"]["handoffs_pending"], 1, "{doc:#}");
+
+    let (code, text, stderr) = status(&config, false);
+    assert_eq!(code, Some(0), "{stderr}");
+    let line = |id: &str| {
+        text.lines()
+            .find(|l| l.contains(id))
+            .unwrap_or_else(|| panic!("no line for {id}:\n{text}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert!(
+        line(&shards[0]).starts_with(&format!(
+            "{} open host-a → host-b (hand-off pending) TRIM_HORIZON 7",
+            shards[0]
+        )),
+        "{text}"
+    );
+    assert!(
+        line(&shards[1]).starts_with(&format!("{} open host-a TRIM_HORIZON 7", shards[1])),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "owners: host-a (1 lease), host-b (1 lease); unowned leases: 0; 1 hand-off pending"
+        ),
+        "{text}"
+    );
+}

@@ -19,6 +19,10 @@
 //! beside KCL 2.x's figures at the same `FailoverTimeMillis`; it writes its table to
 //! `target/bench/failover.txt`.
 //!
+//! `leases` times one host taking every free lease of a many-shard stream (512 by default) and
+//! starting every shard, optionally beside a baseline binary; it writes
+//! `target/bench/leases.txt`.
+//!
 //! `suite` runs the figures of the whole host in one command: throughput of one `kinesis-host
 //! run` against a fast Kinesis stand-in beside the AWS SDK's decode floor, put-to-process
 //! latency, cold start and `boundary`; it writes `target/bench/suite.md`.
@@ -27,6 +31,7 @@ mod boundary;
 mod failover;
 mod floor;
 mod guests;
+mod leases;
 mod naive;
 mod records;
 mod standin;
@@ -53,6 +58,9 @@ enum Command {
     /// Lease failover, graceful hand-over and rebalance times of real `kinesis-host run`
     /// processes on local emulators, beside KCL's figures at the same `FailoverTimeMillis`.
     Failover(failover::FailoverArgs),
+    /// Time for one `kinesis-host run` to take every free lease of a many-shard stream and
+    /// start reading every shard (stand-in Kinesis, dynalite, optionally a delaying proxy).
+    Leases(leases::LeasesArgs),
     /// CPU fairness of `serve`'s tenants (well-behaved throughput with and without a tenant in
     /// an endless loop, as a ratio) and resident memory per idle task instance.
     Tenants(tenants::TenantsArgs),
@@ -70,6 +78,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Boundary(args) => boundary::run(&args).map(drop),
         Command::Failover(args) => failover::run(&args),
+        Command::Leases(args) => leases::run(&args),
         Command::Tenants(args) => tenants::run(&args),
         Command::Suite(args) => suite::run(&args),
         Command::SdkFloor(args) => floor::run(&args),

@@ -51,8 +51,12 @@ pub struct ShardStatus {
     pub state: ShardState,
     /// Whether the lease table has a lease for the shard.
     pub leased: bool,
-    /// The worker holding the lease (`leaseOwner`); `None` when unowned or without a lease.
+    /// The lease's `leaseOwner`; `None` when unowned or without a lease. During a pending
+    /// hand-off this is the host taking the lease over (see `handoff`).
     pub owner: Option<String>,
+    /// A graceful hand-off asked for and not completed yet (KCL 3.x's mark: `checkpointOwner`
+    /// set beside `leaseOwner`); `None` otherwise.
+    pub handoff: Option<Handoff>,
     /// The lease's `checkpoint`: a sequence number in full or a sentinel.
     pub checkpoint: Option<String>,
     /// The lease's `checkpointSubSequenceNumber`.
@@ -68,6 +72,29 @@ pub struct ShardStatus {
     /// Kinesis's `MillisBehindLatest` for a read just after the checkpoint; `None` when unknown
     /// (no lease, shard end, trimmed, or the look-up failed).
     pub millis_behind_latest: Option<i64>,
+}
+
+/// A pending graceful hand-off of a lease: `from` still processes the shard and checkpoints it,
+/// `to` asked for it and takes it once `from` hands it over (or its timeout passes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Handoff {
+    /// The current owner, still processing (the lease's `checkpointOwner`).
+    pub from: String,
+    /// The host taking the lease over (the lease's `leaseOwner`).
+    pub to: String,
+}
+
+impl Handoff {
+    /// The hand-off `lease` is marked for, if any: both `leaseOwner` and `checkpointOwner` set
+    /// and different.
+    fn of(lease: &Lease) -> Option<Self> {
+        match (&lease.checkpoint_owner, &lease.owner) {
+            (Some(from), Some(to)) if from != to => {
+                Some(Handoff { from: from.clone(), to: to.clone() })
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Counts over one stream's shards and leases.
@@ -89,8 +116,11 @@ pub struct Totals {
     pub leases: usize,
     /// Leases with no owner.
     pub unowned_leases: usize,
-    /// Each owner and how many leases it holds.
+    /// Each owner (`leaseOwner`) and how many leases it holds; a lease in a pending hand-off
+    /// counts as its taker's, as the lease protocol counts it.
     pub owners: BTreeMap<String, usize>,
+    /// Leases with a graceful hand-off pending.
+    pub handoffs_pending: usize,
 }
 
 /// One input stream of the job and its lease table.
@@ -226,6 +256,10 @@ pub fn assemble(shards: &[ShardInfo], leases: &[Lease]) -> (Totals, Vec<ShardSta
                 None => totals.unowned_leases += 1,
             }
         }
+        let handoff = lease.and_then(|l| Handoff::of(l));
+        if handoff.is_some() {
+            totals.handoffs_pending += 1;
+        }
         let parents = match (shard, lease) {
             (Some(s), _) if !s.parents.is_empty() => s.parents.clone(),
             (_, Some(l)) => l.parent_shard_ids.clone(),
@@ -236,6 +270,7 @@ pub fn assemble(shards: &[ShardInfo], leases: &[Lease]) -> (Totals, Vec<ShardSta
             state,
             leased: lease.is_some(),
             owner: lease.and_then(|l| l.owner.clone()),
+            handoff,
             checkpoint: lease.map(|l| l.checkpoint.as_str().to_owned()),
             checkpoint_sub_sequence_number: lease.map(|l| l.checkpoint.sub_sequence_number()),
             lease_counter: lease.map(|l| l.counter),
@@ -419,7 +454,11 @@ pub fn render_text(streams: &[StreamStatus]) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let _ = writeln!(out, "  owners: {owners}; unowned leases: {}", t.unowned_leases);
+        let handoffs = match t.handoffs_pending {
+            0 => String::new(),
+            n => format!("; {} pending", plural(n, "hand-off", "hand-offs")),
+        };
+        let _ = writeln!(out, "  owners: {owners}; unowned leases: {}{handoffs}", t.unowned_leases);
         let mut rows = vec![[
             "SHARD".to_owned(),
             "STATE".to_owned(),
@@ -441,7 +480,11 @@ pub fn render_text(streams: &[StreamStatus]) -> String {
             rows.push([
                 s.shard_id.clone(),
                 s.state.as_str().to_owned(),
-                s.owner.clone().unwrap_or_else(|| "-".to_owned()),
+                match (&s.handoff, &s.owner) {
+                    (Some(h), _) => format!("{} → {} (hand-off pending)", h.from, h.to),
+                    (None, Some(owner)) => owner.clone(),
+                    (None, None) => "-".to_owned(),
+                },
                 checkpoint,
                 s.lease_counter.map_or_else(|| "-".to_owned(), |c| c.to_string()),
                 s.millis_behind_latest.map_or_else(|| "-".to_owned(), human_millis),
@@ -552,6 +595,7 @@ mod tests {
                 leases: 4,
                 unowned_leases: 1,
                 owners: [("a".to_owned(), 2), ("b".to_owned(), 1)].into(),
+                handoffs_pending: 0,
             }
         );
         let summary: Vec<(&str, ShardState, bool)> =
@@ -608,6 +652,49 @@ mod tests {
              \x20 owners: host-1 (1 lease); unowned leases: 0\n\
              \x20 SHARD                 STATE  OWNER   CHECKPOINT     COUNTER  LAG   PARENTS  CHILDREN\n\
              \x20 shardId-000000000000  open   host-1  495903…588898  12       0 ms  -        -\n"
+        );
+    }
+
+    #[test]
+    fn a_pending_hand_off_reads_at_a_glance() {
+        let shards = [shard("shardId-000000000000", &[]), shard("shardId-000000000001", &[])];
+        // KCL 3.x's mark: the taker in `leaseOwner`, the owner still processing in
+        // `checkpointOwner`.
+        let mut marked =
+            lease("shardId-000000000000", Some("host-b"), Checkpoint::after("7", 0), 3);
+        marked.checkpoint_owner = Some("host-a".into());
+        let leases =
+            [marked, lease("shardId-000000000001", Some("host-a"), Checkpoint::after("9", 0), 4)];
+        let (totals, statuses) = assemble(&shards, &leases);
+        assert_eq!(totals.handoffs_pending, 1);
+        assert_eq!(
+            statuses[0].handoff,
+            Some(Handoff { from: "host-a".into(), to: "host-b".into() })
+        );
+        assert_eq!(statuses[1].handoff, None);
+        let status = StreamStatus {
+            stream: "clicks".into(),
+            table: "job-1-clicks".into(),
+            error: None,
+            totals: Some(totals),
+            shards: statuses,
+        };
+        let json = serde_json::to_value(&status).expect("JSON");
+        assert_eq!(json["shards"][0]["owner"], "host-b");
+        assert_eq!(
+            json["shards"][0]["handoff"],
+            serde_json::json!({"from": "host-a", "to": "host-b"})
+        );
+        assert_eq!(json["shards"][1]["handoff"], serde_json::Value::Null);
+        assert_eq!(json["totals"]["handoffs_pending"], 1);
+        assert_eq!(
+            render_text(&[status]),
+            "stream clicks  (lease table job-1-clicks)\n\
+             \x20 2 shards: 2 open, 0 closed; 2 leased, 0 without a lease; 0 leases of trimmed shards\n\
+             \x20 owners: host-a (1 lease), host-b (1 lease); unowned leases: 0; 1 hand-off pending\n\
+             \x20 SHARD                 STATE  OWNER                               CHECKPOINT  COUNTER  LAG  PARENTS  CHILDREN\n\
+             \x20 shardId-000000000000  open   host-a → host-b (hand-off pending)  7           3        -    -        -\n\
+             \x20 shardId-000000000001  open   host-a                              9           4        -    -        -\n"
         );
     }
 }
