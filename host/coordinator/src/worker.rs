@@ -365,6 +365,7 @@ async fn sync_shards(
     let ids: HashSet<&str> = shards.iter().map(|s| s.id.as_str()).collect();
     let closed: HashSet<&str> =
         shards.iter().flat_map(|s| s.parents.iter().map(String::as_str)).collect();
+    let mut to_create = Vec::new();
     for shard in &shards {
         if leases.contains(&shard.id) {
             continue;
@@ -389,11 +390,63 @@ async fn sync_shards(
         };
         let mut lease = Lease::new(&shard.id, checkpoint, parents);
         lease.hash_range = Some(shard.hash_range.clone());
-        if table.create_if_not_exists(&lease).await? {
-            tracing::info!(lease = %lease.key, checkpoint = %lease.checkpoint, "Created lease.");
+        to_create.push(lease);
+    }
+    // A new table for a 512-shard stream is 512 conditional puts: sent together, bounded as the
+    // takes are, but a parent's lease always before its children's. A host scanning the table
+    // meanwhile treats a child whose parent has no lease as ready to start, so a child created
+    // first could be read before its parent. After an error no new put starts; those in flight
+    // finish (a put is conditional: creating a lease twice is harmless) and the first error
+    // fails the sync.
+    for generation in parents_first(&to_create) {
+        let mut leases = generation.into_iter();
+        let mut creates = FuturesUnordered::new();
+        let mut first_error = None;
+        loop {
+            while first_error.is_none() && creates.len() < CONCURRENT_LEASE_WRITES {
+                let Some(lease) = leases.next() else { break };
+                creates.push(async move { (lease, table.create_if_not_exists(lease).await) });
+            }
+            let Some((lease, created)) = creates.next().await else { break };
+            match created {
+                Ok(true) => {
+                    tracing::info!(lease = %lease.key, checkpoint = %lease.checkpoint, "Created lease.");
+                }
+                Ok(false) => {}
+                Err(error) => keep_first(&mut first_error, lease, error),
+            }
+        }
+        if let Some(error) = first_error {
+            return Err(error.into());
         }
     }
     Ok(())
+}
+
+/// `leases` in generations: the first has the leases none of whose parents is among `leases`,
+/// each next one the leases whose parents are all in earlier generations.
+fn parents_first(leases: &[Lease]) -> Vec<Vec<&Lease>> {
+    let mut placed: HashSet<&str> = HashSet::new();
+    let pending: HashSet<&str> = leases.iter().map(|l| l.key.as_str()).collect();
+    let mut rest: Vec<&Lease> = leases.iter().collect();
+    let mut generations = Vec::new();
+    while !rest.is_empty() {
+        let (now, later): (Vec<&Lease>, Vec<&Lease>) = rest.into_iter().partition(|lease| {
+            lease
+                .parent_shard_ids
+                .iter()
+                .all(|p| !pending.contains(p.as_str()) || placed.contains(p.as_str()))
+        });
+        if now.is_empty() {
+            // A cycle cannot come from Kinesis; create the rest rather than loop.
+            generations.push(later);
+            break;
+        }
+        placed.extend(now.iter().map(|l| l.key.as_str()));
+        generations.push(now);
+        rest = later;
+    }
+    generations
 }
 
 /// Renews every held lease, all at once: when the runtime is saturated by reading (hundreds of
@@ -691,7 +744,7 @@ fn keep_first(first: &mut Option<LeaseError>, lease: &Lease, error: LeaseError) 
     if first.is_none() {
         *first = Some(error);
     } else {
-        tracing::warn!(lease = %lease.key, %error, "Lease write failed; retrying at the next tick.");
+        tracing::warn!(lease = %lease.key, %error, "Another lease write of the same round failed too.");
     }
 }
 
@@ -1148,5 +1201,38 @@ async fn consume<P: ShardProcessor>(
                 () = tokio::time::sleep(config.idle_time_between_reads) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(key: &str, parents: &[&str]) -> Lease {
+        let parents = parents.iter().map(|p| (*p).to_owned()).collect();
+        Lease::new(key, Checkpoint::TrimHorizon, parents)
+    }
+
+    fn keys(generations: &[Vec<&Lease>]) -> Vec<Vec<String>> {
+        generations.iter().map(|g| g.iter().map(|l| l.key.clone()).collect()).collect()
+    }
+
+    #[test]
+    fn parents_are_created_before_their_children() {
+        // 0 split into 2 and 3, which merged into 4; 1 untouched; 5's parent 9 has a lease
+        // already (not among those created), so 5 need not wait.
+        let leases = [
+            lease("4", &["2", "3"]),
+            lease("2", &["0"]),
+            lease("5", &["9"]),
+            lease("0", &[]),
+            lease("3", &["0"]),
+            lease("1", &[]),
+        ];
+        assert_eq!(
+            keys(&parents_first(&leases)),
+            vec![vec!["5", "0", "1"], vec!["2", "3"], vec!["4"]]
+        );
+        assert!(parents_first(&[]).is_empty());
     }
 }
