@@ -268,22 +268,14 @@ fn one_round(
     let config = dir.join("job.properties");
     std::fs::write(
         &config,
-        format!(
-            "job.name={table}\n\
-             task.inputs=kinesis.bench\n\
-             task.commit.ms=600000\n\
-             systems.kinesis.samza.factory=org.apache.samza.system.kinesis.KinesisSystemFactory\n\
-             systems.kinesis.aws.region=us-east-1\n\
-             systems.kinesis.aws.accessKey=test\n\
-             sensitive.systems.kinesis.aws.secretKey=test\n\
-             systems.kinesis.aws.kinesis.endpoint={}\n\
-             systems.kinesis.aws.dynamodb.endpoint={dynamodb}\n\
-             systems.kinesis.aws.kcl.TableName={table}\n\
-             systems.kinesis.aws.kcl.InitialPositionInStream=TRIM_HORIZON\n\
-             systems.kinesis.aws.kcl.IdleTimeBetweenReadsInMillis=1000\n\
-             systems.kinesis.aws.kcl.FailoverTimeMillis=10000\n\
-             systems.kinesis.aws.kcl.ShardSyncIntervalMillis=600000\n",
-            standin.endpoint,
+        standin.job_properties(
+            table,
+            dynamodb,
+            &[
+                ("TableName", table.to_owned()),
+                ("IdleTimeBetweenReadsInMillis", "1000".to_owned()),
+                ("FailoverTimeMillis", "10000".to_owned()),
+            ],
         ),
     )?;
     let log_path = dir.join("host.log");

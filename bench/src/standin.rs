@@ -152,6 +152,30 @@ impl StandIn {
         });
         Ok(Self { endpoint: format!("http://127.0.0.1:{port}"), stats, runtime: Some(runtime) })
     }
+
+    /// A job.properties for `kinesis-host run` reading this stand-in's stream from
+    /// `TRIM_HORIZON`, leases in the DynamoDB at `dynamodb`, no checkpoint or shard sync within
+    /// a benchmark's window; `kcl` adds `systems.kinesis.aws.kcl.*` keys (name, value).
+    pub fn job_properties(&self, job: &str, dynamodb: &str, kcl: &[(&str, String)]) -> String {
+        let mut properties = format!(
+            "job.name={job}\n\
+             task.inputs=kinesis.bench\n\
+             task.commit.ms=600000\n\
+             systems.kinesis.samza.factory=org.apache.samza.system.kinesis.KinesisSystemFactory\n\
+             systems.kinesis.aws.region=us-east-1\n\
+             systems.kinesis.aws.accessKey=test\n\
+             sensitive.systems.kinesis.aws.secretKey=test\n\
+             systems.kinesis.aws.kinesis.endpoint={}\n\
+             systems.kinesis.aws.dynamodb.endpoint={dynamodb}\n\
+             systems.kinesis.aws.kcl.InitialPositionInStream=TRIM_HORIZON\n\
+             systems.kinesis.aws.kcl.ShardSyncIntervalMillis=600000\n",
+            self.endpoint,
+        );
+        for (key, value) in kcl {
+            properties.push_str(&format!("systems.kinesis.aws.kcl.{key}={value}\n"));
+        }
+        properties
+    }
 }
 
 impl Drop for StandIn {

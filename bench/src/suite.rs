@@ -474,21 +474,13 @@ impl Suite {
         let config = dir.join("job.properties");
         std::fs::write(
             &config,
-            format!(
-                "job.name={name}\n\
-                 task.inputs=kinesis.bench\n\
-                 task.commit.ms=600000\n\
-                 systems.kinesis.samza.factory=org.apache.samza.system.kinesis.KinesisSystemFactory\n\
-                 systems.kinesis.aws.region=us-east-1\n\
-                 systems.kinesis.aws.accessKey=test\n\
-                 sensitive.systems.kinesis.aws.secretKey=test\n\
-                 systems.kinesis.aws.kinesis.endpoint={}\n\
-                 systems.kinesis.aws.dynamodb.endpoint={}\n\
-                 systems.kinesis.aws.kcl.InitialPositionInStream=TRIM_HORIZON\n\
-                 systems.kinesis.aws.kcl.IdleTimeBetweenReadsInMillis=1\n\
-                 systems.kinesis.aws.kcl.FailoverTimeMillis={}\n\
-                 systems.kinesis.aws.kcl.ShardSyncIntervalMillis=600000\n",
-                standin.endpoint, self.dynamodb, self.plan.failover_ms,
+            standin.job_properties(
+                &name,
+                &self.dynamodb,
+                &[
+                    ("IdleTimeBetweenReadsInMillis", "1".to_owned()),
+                    ("FailoverTimeMillis", self.plan.failover_ms.to_string()),
+                ],
             ),
         )?;
         let log = std::fs::File::create(dir.join("host.log"))?;
