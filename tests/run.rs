@@ -399,6 +399,46 @@ fn one_job_consumes_several_input_streams() {
     assert_eq!(lease_items(&c, "multi-1-run-multi-b").len(), 2);
 }
 
+#[test]
+fn an_input_that_fails_stops_the_whole_job_and_releases_the_others() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (a, missing, output) = ("run-half-a", "run-half-missing", "run-half-out");
+    create_streams(&c, &[(a, 2), (output, 1)]);
+    put(&c, a, &numbered(2, 3, 0));
+    let config = job_properties(
+        dir.path(),
+        "half",
+        a,
+        output,
+        &format!(
+            "task.inputs=kinesis.{a},kinesis.{missing}\n\
+             systems.kinesis.streams.{missing}.aws.accessKey=test\n\
+             sensitive.systems.kinesis.streams.{missing}.aws.secretKey=test\n"
+        ),
+    );
+    let log = dir.path().join("host.log");
+    let mut host = Host::start(&config, &log);
+    // Without the stream, its worker fails at once; the job must not run on with half its
+    // inputs (under `serve` it would never be retried): it stops and exits with the error.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(status) = host.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still running:\n{}", log_text(&log));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let text = log_text(&log);
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("error: ") && l.contains(missing)), "{text}");
+    let items = lease_items(&c, "half-1-run-half-a");
+    assert!(
+        items.iter().all(|i| !i.contains_key("leaseOwner")),
+        "the other input's leases released: {items:?}"
+    );
+}
+
 #[path = "common/faults.rs"]
 mod faults;
 #[path = "common/http_proxy.rs"]

@@ -534,6 +534,11 @@ pub async fn run_gated(
         TaskProcessors::new(component, Arc::new(job), Arc::new(outputs), clock).with_gate(gate),
     );
     let mut workers = tokio::task::JoinSet::new();
+    // A worker that fails stops the job's other workers gracefully (as Samza fails the whole
+    // container): the job ends with that error instead of running half its inputs, so `run`
+    // exits for its supervisor to restart, and `serve` reports the job failed and retries it.
+    let (failing, failed_worker) = tokio::sync::watch::channel(false);
+    let failing = Arc::new(failing);
     for input in &run.inputs {
         let clients = AwsClients::new(&aws_settings(&input.aws)?).await;
         let table = LeaseTable::new(clients.dynamodb.clone(), input.kcl.table_name.clone());
@@ -541,6 +546,8 @@ pub async fn run_gated(
         config.state_inline_max_bytes = state_inline_bytes;
         let factory = factory.clone();
         let mut stop = shutdown.clone();
+        let mut other_failed = failed_worker.clone();
+        let failing = failing.clone();
         let stream = input.stream.clone();
         let health = health.clone();
         workers.spawn(async move {
@@ -551,13 +558,17 @@ pub async fn run_gated(
                 config,
                 factory,
                 async move {
-                    let _ = stop.wait_for(|s| *s).await;
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => {}
+                        _ = other_failed.wait_for(|f| *f) => {}
+                    }
                 },
                 move || started.worker_started(),
             )
             .await;
             if result.is_err() {
                 health.worker_failed();
+                failing.send_replace(true);
             }
             (stream, result)
         });
@@ -567,11 +578,12 @@ pub async fn run_gated(
         match done {
             Ok((_, Ok(()))) => {}
             Ok((stream, Err(e))) => {
-                tracing::error!(stream, error = %e, "Stream worker stopped.");
+                tracing::error!(stream, error = %e, "Stream worker stopped; stopping the job's other input streams (checkpoint and release).");
                 failed.get_or_insert(anyhow::anyhow!("stream {stream}: {e}"));
             }
             Err(e) => {
                 health.worker_failed();
+                failing.send_replace(true);
                 failed.get_or_insert(anyhow::anyhow!("a stream worker panicked: {e}"));
             }
         }
