@@ -176,7 +176,7 @@ fn describe() {
     );
     describe_gauge!(
         crate::serve::JOBS,
-        "Jobs of kinesis-host serve by state: running, invalid (files rejected) or failed (stopped with an error)."
+        "Jobs of kinesis-host serve by state: running, swapping (waiting for the job it replaces to drain), invalid (files rejected) or failed (stopped with an error)."
     );
     describe_counter!(
         crate::serve::JOB_ERRORS,

@@ -49,7 +49,7 @@ use crate::fairness::{CpuGate, FairnessConfig};
 use crate::metrics::{Health, Probe};
 use crate::samza::RunConfig;
 
-/// The gauge of jobs by `state`: `running`, `invalid` or `failed`.
+/// The gauge of jobs by `state`: `running`, `swapping`, `invalid` or `failed`.
 pub const JOBS: &str = "kinesis_host_serve_jobs";
 /// The counter of rejected or failed jobs, by job `folder`.
 pub const JOB_ERRORS: &str = "kinesis_host_serve_job_errors_total";
@@ -354,9 +354,6 @@ struct Draining {
     folder: String,
     job_name: String,
     tables: BTreeSet<String>,
-    /// Whether the CPU gate forgets the job name once it has stopped (no version of the job
-    /// goes on under that name).
-    retire: bool,
 }
 
 /// `/healthz` and `/readyz` of `serve`, over all its jobs.
@@ -454,9 +451,10 @@ impl Probe for JobsHealth {
                     JobState::Validating => {
                         return Some(format!("job folder {folder}: validating its files"));
                     }
-                    JobState::Swapping { job } => {
-                        (job, "swapping: waiting for the version it replaces to stop".to_owned())
-                    }
+                    JobState::Swapping { job } => (
+                        job,
+                        "swapping: waiting for a stopping job to release its leases".to_owned(),
+                    ),
                     JobState::Running { job, health } => (job, health.ready().err()?),
                     JobState::Ended { job, error: Some(error) } => (
                         job,
@@ -552,7 +550,6 @@ pub async fn serve(
     let gate = supervisor.gate.config();
     tracing::info!(jobs = %dir.display(), max_concurrent_calls = gate.max_concurrent_calls, penalty_factor = gate.penalty_factor, "Serving jobs.");
     supervisor.reconcile(false).await;
-    supervisor.health.scanned();
     loop {
         if *shutdown.borrow() {
             break;
@@ -668,6 +665,14 @@ impl Supervisor {
     /// together, not one after the other; new jobs that share nothing with them start at once,
     /// the others once they have stopped.
     async fn reconcile(&mut self, retry: bool) {
+        if self.rescan(retry).await {
+            // Ready can mean something only once the folder has been read.
+            self.health.scanned();
+        }
+    }
+
+    /// [`Self::reconcile`]; whether the folder could be read.
+    async fn rescan(&mut self, retry: bool) -> bool {
         let dir = self.config.jobs_dir.clone();
         let mut digests = std::mem::take(&mut self.digests);
         let scanned = tokio::task::spawn_blocking(move || {
@@ -683,15 +688,15 @@ impl Supervisor {
             Ok((Err(error), digests)) => {
                 self.digests = digests;
                 tracing::error!(jobs = %self.config.jobs_dir.display(), %error, "Cannot read the jobs folder; keeping the jobs as they are.");
-                return;
+                return false;
             }
             Err(error) => {
                 tracing::error!(jobs = %self.config.jobs_dir.display(), %error, "Scanning the jobs folder failed; keeping the jobs as they are.");
-                return;
+                return false;
             }
         };
-        // Jobs to stop, each with whether the gate forgets its name once it has stopped.
-        let mut stopping: Vec<(String, Running, bool)> = Vec::new();
+        // Jobs to stop, with their folders.
+        let mut stopping: Vec<(String, Running)> = Vec::new();
         let gone: Vec<String> =
             self.slots.keys().filter(|f| !folders.contains_key(*f)).cloned().collect();
         for folder in gone {
@@ -699,7 +704,7 @@ impl Supervisor {
             if let Some(slot) = self.slots.remove(&folder) {
                 if let Some(running) = slot.running {
                     tracing::info!(folder, job = %running.job_name, "Job folder removed: stopping the job.");
-                    stopping.push((folder, running, true));
+                    stopping.push((folder, running));
                 } else {
                     // Never started, or ended by itself (and then unregistered from the gate).
                     tracing::info!(folder, "Job folder removed.");
@@ -749,8 +754,7 @@ impl Supervisor {
                     let slot = self.slots.entry(folder.clone()).or_insert_with(Slot::empty);
                     if let Some(running) = slot.running.take() {
                         tracing::info!(folder, job = %running.job_name, "Job changed: stopping the running version (checkpoint and release), then starting the new one.");
-                        let retire = running.job_name != prepared.job.job_name;
-                        stopping.push((folder.clone(), running, retire));
+                        stopping.push((folder.clone(), running));
                     }
                     // The files acted on; a version still waiting is superseded by this one.
                     *slot = Slot {
@@ -765,6 +769,7 @@ impl Supervisor {
         }
         self.stop(stopping);
         self.start_waiting();
+        true
     }
 
     /// Starts every waiting version that no draining job holds up: a new version waits for its
@@ -809,16 +814,16 @@ impl Supervisor {
         }
         slot.seen = fingerprint;
         slot.problem = Some(Problem::Invalid);
-        let keeps = slot
-            .running
-            .as_ref()
-            .map(|r| r.job_name.clone())
-            .or_else(|| slot.waiting.as_ref().map(|w| w.job.job_name.clone()));
-        match keeps {
-            Some(job) => {
+        let running = slot.running.as_ref().map(|r| r.job_name.clone());
+        let waiting = slot.waiting.as_ref().map(|w| w.job.job_name.clone());
+        match (running, waiting) {
+            (Some(job), _) => {
                 tracing::error!(folder, %error, running = %job, "Job files rejected; the previous version keeps running. Fix the files to retry.")
             }
-            None => {
+            (None, Some(job)) => {
+                tracing::error!(folder, %error, waiting = %job, "Job files rejected; the version validated before still starts once the job it replaces has stopped. Fix the files to retry.")
+            }
+            (None, None) => {
                 tracing::error!(folder, %error, "Job files rejected; the job does not run. Fix the files to retry.")
             }
         }
@@ -918,23 +923,25 @@ impl Supervisor {
         let folder_name = folder.to_owned();
         tracing::info!(folder, job = %job_name, component = %component.path().display(), "Starting job.");
         let handle = tokio::spawn(async move {
-            let outcome =
-                crate::run::run_gated(run, job, component, clock, stopped, Some(gate), health)
-                    .await
-                    .map_err(|e| format!("{e:#}"));
+            // Run in a task of its own, so that a panic is reported as the job's failure too.
+            let run =
+                crate::run::run_gated(run, job, component, clock, stopped, Some(gate), health);
+            let outcome = match tokio::spawn(run).await {
+                Ok(outcome) => outcome.map_err(|e| format!("{e:#}")),
+                Err(panic) => Err(format!("the job's task panicked: {panic}")),
+            };
             let _ = ended.send((folder_name, generation, outcome));
         });
         let running = Running { job_name, tables, generation, stop, handle };
-        let slot = self.slots.entry(folder.to_owned()).or_insert_with(Slot::empty);
-        slot.running = Some(running);
-        slot.problem = None;
+        // `problem` stays: files rejected while this version waited are still to be reported.
+        self.slots.entry(folder.to_owned()).or_insert_with(Slot::empty).running = Some(running);
     }
 
     /// Tells jobs to stop gracefully, all at once, without waiting: each drains its batches in
     /// flight, checkpoints and releases its leases while the others, and the supervisor, go on
     /// (one slow drain must not hold up other jobs' changes). [`Self::drained`] follows.
-    fn stop(&mut self, running: Vec<(String, Running, bool)>) {
-        for (folder, r, retire) in running {
+    fn stop(&mut self, running: Vec<(String, Running)>) {
+        for (folder, r) in running {
             let Running { job_name, tables, stop, handle, .. } = r;
             let _ = stop.send(true);
             // A penalty must not hold up the batches in flight.
@@ -947,7 +954,7 @@ impl Supervisor {
                     tracing::error!(job, %error, "The job's task panicked while stopping.");
                 }
             });
-            let draining = Draining { folder, job_name, tables, retire };
+            let draining = Draining { folder, job_name, tables };
             self.draining.insert(task.id(), draining);
         }
     }
@@ -963,8 +970,15 @@ impl Supervisor {
         };
         let Some(draining) = self.draining.remove(&id) else { return };
         tracing::info!(folder = %draining.folder, job = %draining.job_name, "Job stopped.");
-        if draining.retire {
-            self.gate.unregister(&draining.job_name);
+        // The gate forgets the name unless a version of a job goes on under it (decided now:
+        // what replaces a job may have changed or gone while it drained).
+        let name = draining.job_name.as_str();
+        let in_use = self.slots.values().any(|s| {
+            s.running.as_ref().is_some_and(|r| r.job_name == name)
+                || s.waiting.as_ref().is_some_and(|w| w.job.job_name == name)
+        }) || self.draining.values().any(|d| d.job_name == name);
+        if !in_use {
+            self.gate.unregister(name);
         }
         self.start_waiting();
     }
@@ -972,10 +986,10 @@ impl Supervisor {
     /// All jobs, in parallel, and waits until every one (and every one already stopping) has
     /// drained.
     async fn stop_all(&mut self) {
-        let running: Vec<(String, Running, bool)> = self
+        let running: Vec<(String, Running)> = self
             .slots
             .iter_mut()
-            .filter_map(|(folder, s)| Some((folder.clone(), s.running.take()?, true)))
+            .filter_map(|(folder, s)| Some((folder.clone(), s.running.take()?)))
             .collect();
         self.stop(running);
         while let Some(outcome) = self.drains.join_next_with_id().await {
@@ -986,7 +1000,7 @@ impl Supervisor {
         }
     }
 
-    /// A job's run ended without being asked to stop (asked-for stops are awaited in place).
+    /// A job's run ended without being asked to stop (asked-for stops end in [`Self::drained`]).
     fn job_ended(&mut self, folder: &str, generation: u64, outcome: Result<(), String>) {
         let Some(slot) = self.slots.get_mut(folder) else { return };
         if slot.running.as_ref().is_none_or(|r| r.generation != generation) {
@@ -1084,7 +1098,7 @@ mod tests {
         jobs.set("users", JobState::Swapping { job: "users".into() });
         assert_eq!(
             jobs.ready(),
-            Err("job \"users\" (folder users): swapping: waiting for the version it replaces to stop"
+            Err("job \"users\" (folder users): swapping: waiting for a stopping job to release its leases"
                 .to_owned())
         );
         jobs.set("users", JobState::Running { job: "users".into(), health: users.clone() });
