@@ -498,6 +498,35 @@ fn throttling_and_transient_faults_are_survived() {
 }
 
 #[test]
+fn leases_are_created_despite_throttling_beyond_the_sdk_retries() {
+    use faults::{Fault, FaultProxy, Rule};
+    let c = clients();
+    let e = emulators::emulators();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("run-throttled-in", "run-throttled-out");
+    create_streams(&c, &[(input, 2), (output, 1)]);
+    let sent = numbered(2, 3, 0);
+    put(&c, input, &sent);
+    // Five throttled PutItems in a row: more than the SDK's three attempts, so creating the
+    // new table's leases fails once and must be tried again rather than fail the job.
+    let dynamodb = FaultProxy::start(
+        &e.dynamodb_endpoint,
+        vec![Rule { target_suffix: "PutItem", every: 1, fault: Fault::Throttle, limit: Some(5) }],
+    );
+    let config = job_properties(
+        dir.path(),
+        "throttled",
+        input,
+        output,
+        &format!("systems.kinesis.aws.dynamodb.endpoint={}\n", dynamodb.endpoint()),
+    );
+    let log = dir.path().join("host.log");
+    echo_exactly_once(&c, &config, &log, output, &sent);
+    assert_eq!(dynamodb.injected("PutItem"), 5);
+    assert!(log_text(&log).contains("Creating the stream's leases failed; retrying."));
+}
+
+#[test]
 fn standard_aws_environment_variables_pick_endpoints_and_region() {
     let c = clients();
     let e = emulators::emulators();

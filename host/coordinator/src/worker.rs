@@ -170,6 +170,12 @@ struct Held {
 /// the excess wait for a connection, not fail).
 const CONCURRENT_LEASE_WRITES: usize = 32;
 
+/// The pause before the first shard sync is retried after a lease-table error; it doubles up to
+/// [`FIRST_SYNC_LAST_PAUSE`] (four tries in about 7 s).
+const FIRST_SYNC_FIRST_PAUSE: Duration = Duration::from_secs(1);
+/// The last pause before the first shard sync gives up.
+const FIRST_SYNC_LAST_PAUSE: Duration = Duration::from_secs(4);
+
 /// Shards whose processing failed on this host, and until when this host leaves them to others
 /// (doubling from the failover time up to five minutes).
 type Cooldown = Arc<std::sync::Mutex<HashMap<String, (Instant, u32)>>>;
@@ -222,7 +228,21 @@ pub async fn run_with<F: ProcessorFactory>(
     let mut started = Some(started);
     let leases_held = metrics::gauge!("kinesis_host_leases_held", "job" => config.job.clone(), "stream" => config.stream.clone());
     table.ensure_exists(config.billing, Duration::from_secs(600)).await?;
-    sync_shards(&kinesis, &table, &config).await?;
+    // The worker starts only once every shard has a lease. Creating hundreds of them can meet
+    // throttling on a provisioned table beyond what the SDK retries, so a lease-table error gets
+    // a few more tries (creation is conditional: repeating it is harmless); Kinesis errors, such
+    // as a stream that does not exist, fail at once.
+    let mut pause = FIRST_SYNC_FIRST_PAUSE;
+    loop {
+        match sync_shards(&kinesis, &table, &config).await {
+            Err(WorkerError::Lease(error)) if pause <= FIRST_SYNC_LAST_PAUSE => {
+                tracing::warn!(stream = %config.stream, %error, retry_in = ?pause, "Creating the stream's leases failed; retrying.");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            done => break done?,
+        }
+    }
     if let Some(fan_out) = &config.fan_out {
         fan_out.consumer_arn(&kinesis, &config.stream).await?;
     }
