@@ -158,6 +158,41 @@ fn a_third_host_joining_two_busy_hosts_moves_a_shard_without_duplicates() {
     assert!(!c_log.contains("did not hand the lease over in time"), "{c_log}");
 }
 
+/// A simulated KCL 2.x worker `kcl2-worker` holding every lease of its own table (see
+/// [`kcl2_renewer`]).
+struct Kcl2Worker {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    dropped: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Kcl2Worker {
+    /// Creates streams `input` (2 shards) and `output`, and lease table `table` as the KCL 2.x
+    /// worker's, and starts renewing its leases.
+    fn start(c: &AwsClients, input: &str, output: &str, table: &str) -> Self {
+        create_stream(c, input, 2);
+        create_stream(c, output, 1);
+        let shards = kcl2_table(c, table, input);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dropped = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let thread =
+            kcl2_renewer(clients(), table.to_owned(), shards, stop.clone(), dropped.clone());
+        Self { stop, dropped, thread }
+    }
+
+    /// The leases it lost so far.
+    fn dropped(&self) -> Vec<String> {
+        self.dropped.lock().expect("lock").clone()
+    }
+
+    /// Stops it; the leases it lost.
+    fn stop(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("the KCL 2.x renewer");
+        self.dropped.lock().expect("lock").clone()
+    }
+}
+
 /// A KCL 2.x worker's lease loop for the leases it holds: renews each every 300 ms with
 /// `leaseCounter` conditional on its last value, knows nothing of `checkpointOwner`, and drops
 /// a lease whose renewal fails (another worker took it). Stops when `stop` is set.
@@ -231,14 +266,8 @@ fn a_kcl_2_worker_that_ignores_the_mark_loses_the_lease_after_the_timeout() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("handoff-kcl2-in", "handoff-kcl2-out");
-    create_stream(&c, input, 2);
-    create_stream(&c, output, 1);
     let table = "handoffkcl2-1-handoff-kcl2-in";
-    let shards = kcl2_table(&c, table, input);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let dropped = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let kcl2 =
-        kcl2_renewer(clients(), table.to_owned(), shards.clone(), stop.clone(), dropped.clone());
+    let kcl2 = Kcl2Worker::start(&c, input, output, table);
 
     // Our host needs one of the two leases: it marks one, the KCL 2.x worker renews on, and
     // after the (short) timeout our host steals it, fencing the KCL worker out.
@@ -256,14 +285,12 @@ fn a_kcl_2_worker_that_ignores_the_mark_loses_the_lease_after_the_timeout() {
     wait_for_owners(&c, table, &[("host-c", 1), ("kcl2-worker", 1)], &[&log]);
     // The KCL 2.x worker's next renewal of the stolen lease fails: it is fenced out.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while dropped.lock().expect("lock").is_empty() {
+    while kcl2.dropped().is_empty() {
         assert!(Instant::now() < deadline, "the KCL 2.x worker still renews the stolen lease");
         std::thread::sleep(Duration::from_millis(100));
     }
     wait_for_owners(&c, table, &[("host-c", 1), ("kcl2-worker", 1)], &[&log]);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    kcl2.join().expect("the KCL 2.x renewer");
-    let dropped = dropped.lock().expect("lock").clone();
+    let dropped = kcl2.stop();
     assert_eq!(dropped.len(), 1, "the KCL 2.x worker lost exactly the stolen lease: {dropped:?}");
     assert!(host.stop().success());
 }
@@ -273,14 +300,8 @@ fn a_host_that_stops_before_the_hand_off_withdraws_its_request() {
     let c = clients();
     let dir = tempfile::tempdir().expect("temp dir");
     let (input, output) = ("handoff-withdraw-in", "handoff-withdraw-out");
-    create_stream(&c, input, 2);
-    create_stream(&c, output, 1);
     let table = "handoffwithdraw-1-handoff-withdraw-in";
-    let shards = kcl2_table(&c, table, input);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let dropped = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let kcl2 =
-        kcl2_renewer(clients(), table.to_owned(), shards.clone(), stop.clone(), dropped.clone());
+    let kcl2 = Kcl2Worker::start(&c, input, output, table);
     // The owner ignores the mark and the wait is long: the request is still pending at the stop.
     let config = job_properties(
         dir.path(),
@@ -306,7 +327,5 @@ fn a_host_that_stops_before_the_hand_off_withdraws_its_request() {
         );
         assert!(!item.contains_key("checkpointOwner"), "{item:?}");
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    kcl2.join().expect("the KCL 2.x renewer");
-    assert!(dropped.lock().expect("lock").is_empty(), "the KCL 2.x worker lost a lease");
+    assert!(kcl2.stop().is_empty(), "the KCL 2.x worker lost a lease");
 }
