@@ -211,14 +211,10 @@ fn run_job(runtime: &Runtime, args: RunArgs) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     tokio.block_on(async move {
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            tracing::info!("Stopping: finishing the batches in flight, then checkpointing and releasing leases (signal again to exit at once).");
-            let _ = stop.send(true);
-            shutdown_signal().await;
-            tracing::warn!("Second signal: exiting now.");
-            std::process::exit(130);
-        });
+        stop_on_signal(
+            stop,
+            "Stopping: finishing the batches in flight, then checkpointing and releasing leases (signal again to exit at once).",
+        );
         kinesis_host::run::run(run, job, component, Arc::new(SystemClock), stopped).await
     })?;
     Ok(ExitCode::SUCCESS)
@@ -263,14 +259,7 @@ fn serve(
     tokio.block_on(async move {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let reload = Arc::new(tokio::sync::Notify::new());
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            tracing::info!("Stopping (signal again to exit at once).");
-            let _ = stop.send(true);
-            shutdown_signal().await;
-            tracing::warn!("Second signal: exiting now.");
-            std::process::exit(130);
-        });
+        stop_on_signal(stop, "Stopping (signal again to exit at once).");
         #[cfg(unix)]
         {
             let reload = reload.clone();
@@ -287,6 +276,19 @@ fn serve(
         kinesis_host::serve::serve(config, runtime, Arc::new(SystemClock), stopped, reload).await
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// On SIGTERM or SIGINT, logs `message` and sets `stop` (a graceful stop); on a second signal,
+/// exits at once with code 130.
+fn stop_on_signal(stop: tokio::sync::watch::Sender<bool>, message: &'static str) {
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("{message}");
+        let _ = stop.send(true);
+        shutdown_signal().await;
+        tracing::warn!("Second signal: exiting now.");
+        std::process::exit(130);
+    });
 }
 
 /// Resolves on SIGINT or SIGTERM.
