@@ -205,10 +205,7 @@ fn run_job(runtime: &Runtime, args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let runtime = &runtime_for(runtime, &job)?;
     let component = runtime.load(&args.task)?;
-    let tokio = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let tokio = async_runtime()?;
     tokio.block_on(async move {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         stop_on_signal(
@@ -252,10 +249,7 @@ fn serve(
         debounce: std::time::Duration::from_millis(args.debounce_ms),
         cache_dir,
     };
-    let tokio = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let tokio = async_runtime()?;
     tokio.block_on(async move {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let reload = Arc::new(tokio::sync::Notify::new());
@@ -276,6 +270,15 @@ fn serve(
         kinesis_host::serve::serve(config, runtime, Arc::new(SystemClock), stopped, reload).await
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The multi-threaded async runtime `run` and `serve` work on (wasm calls go to its blocking
+/// pool).
+fn async_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 /// On SIGTERM or SIGINT, logs `message` and sets `stop` (a graceful stop); on a second signal,

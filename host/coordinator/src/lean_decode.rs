@@ -285,6 +285,23 @@ mod tests {
         ]
     }
 
+    /// One `GetRecords` through the lean decoder, its records into `decoded`.
+    async fn lean_get_records(
+        client: &aws_sdk_kinesis::Client,
+        decoded: &DecodedRecords,
+    ) -> Result<
+        aws_sdk_kinesis::operation::get_records::GetRecordsOutput,
+        aws_sdk_kinesis::error::SdkError<aws_sdk_kinesis::operation::get_records::GetRecordsError>,
+    > {
+        client
+            .get_records()
+            .shard_iterator("x")
+            .customize()
+            .interceptor(LeanGetRecords::new(decoded.clone()))
+            .send()
+            .await
+    }
+
     /// Every answer: the records and output fields are exactly the SDK's own.
     #[tokio::test(flavor = "multi_thread")]
     async fn yields_exactly_what_the_sdk_yields() {
@@ -296,13 +313,7 @@ mod tests {
         for (i, _) in answers.iter().enumerate() {
             let sdk = client.get_records().shard_iterator("x").send().await;
             let decoded = DecodedRecords::default();
-            let lean = client
-                .get_records()
-                .shard_iterator("x")
-                .customize()
-                .interceptor(LeanGetRecords::new(decoded.clone()))
-                .send()
-                .await;
+            let lean = lean_get_records(&client, &decoded).await;
             let (sdk, lean) = match (sdk, lean) {
                 (Ok(sdk), Ok(lean)) => (sdk, lean),
                 (sdk, lean) => {
@@ -333,13 +344,7 @@ mod tests {
         )]);
         let client = client(endpoint).await;
         let decoded = DecodedRecords::default();
-        let result = client
-            .get_records()
-            .shard_iterator("x")
-            .customize()
-            .interceptor(LeanGetRecords::new(decoded.clone()))
-            .send()
-            .await;
+        let result = lean_get_records(&client, &decoded).await;
         let error = result.err().and_then(|e| e.into_service_error().into());
         assert!(error.is_some_and(
             |e: aws_sdk_kinesis::operation::get_records::GetRecordsError| {
