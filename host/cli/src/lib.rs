@@ -10,3 +10,4 @@ pub mod run;
 pub mod samza;
 pub mod serve;
 pub mod status;
+pub mod task_metrics;

@@ -41,6 +41,8 @@ pub const MILLIS_BEHIND_LATEST: &str = "kinesis_host_millis_behind_latest";
 pub const BATCH_LATENCY: &str = "kinesis_host_batch_latency_seconds";
 /// Records written to the dead-letter output, by `stream` and `reason`.
 pub const DEAD_LETTER_RECORDS: &str = "kinesis_host_dead_letter_records_total";
+/// Records the task emitted that an output refused as invalid, by `stream` and `output`.
+pub const OUTPUT_REFUSED: &str = "kinesis_host_output_refused_records_total";
 
 /// Bucket bounds of [`BATCH_LATENCY`], in seconds.
 const LATENCY_BUCKETS: &[f64] =
@@ -101,6 +103,7 @@ fn install_labelled(job: Option<&str>) -> Result<PrometheusHandle, InstallError>
         .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|e| InstallError(e.to_string()))?;
+    crate::task_metrics::install();
     describe();
     *installed = Some(handle.clone());
     Ok(handle)
@@ -159,6 +162,10 @@ fn describe() {
     describe_counter!(
         DEAD_LETTER_RECORDS,
         "Records written to the dead-letter output, by reason (poison_record, retries_exhausted, record_too_old)."
+    );
+    describe_counter!(
+        OUTPUT_REFUSED,
+        "Records the task emitted that an output refused as invalid (dead-lettered, or the shard stopped)."
     );
     describe_counter!(
         "kinesis_host_task_fuel_consumed_total",
@@ -322,7 +329,11 @@ fn respond(
     match path {
         "/metrics" => {
             handle.run_upkeep();
-            answer(StatusCode::OK, PROMETHEUS_CONTENT_TYPE, handle.render())
+            let mut text = handle.render();
+            if let Some(tasks) = crate::task_metrics::installed() {
+                text.push_str(&tasks.render());
+            }
+            answer(StatusCode::OK, PROMETHEUS_CONTENT_TYPE, text)
         }
         "/healthz" => probed(probe.live(), "ok\n"),
         "/readyz" => probed(probe.ready(), "ready\n"),

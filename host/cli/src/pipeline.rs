@@ -25,7 +25,6 @@
 //! `fatal`, `retries_exhausted` or `record_too_old`), through the [`metrics`] facade: no-ops
 //! unless a recorder is installed, as `run` does with `metrics.address`.
 
-use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -34,8 +33,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
 use kinesis_host_runtime::{
-    Batch, BatchOutput, CallError, Clock, InstanceSpec, RecordRef, ShardState, TaskComponent,
-    TaskErrorKind, TaskInstance, TrapKind,
+    Batch, BatchOutput, CallError, Clock, InstanceSpec, MetricChange, RecordRef, ShardState,
+    TaskComponent, TaskErrorKind, TaskInstance, TrapKind,
 };
 
 use crate::config::RetryPolicy;
@@ -68,9 +67,20 @@ pub enum GiveUp {
     RetriesExhausted,
     /// Its batch failed when it was older than `task.retry.max.record.age.ms`.
     RecordTooOld,
+    /// An output refused a record the task emitted as invalid (the envelope carries the
+    /// emitted record, not a source record).
+    OutputRefused,
 }
 
 impl GiveUp {
+    /// Every reason, for metrics.
+    pub const ALL: [GiveUp; 4] = [
+        GiveUp::PoisonRecord,
+        GiveUp::RetriesExhausted,
+        GiveUp::RecordTooOld,
+        GiveUp::OutputRefused,
+    ];
+
     /// The name in envelopes, logs and the `reason` label of
     /// `kinesis_host_dead_letter_records_total`.
     pub fn as_str(self) -> &'static str {
@@ -78,6 +88,7 @@ impl GiveUp {
             GiveUp::PoisonRecord => "poison_record",
             GiveUp::RetriesExhausted => "retries_exhausted",
             GiveUp::RecordTooOld => "record_too_old",
+            GiveUp::OutputRefused => "output_refused",
         }
     }
 }
@@ -105,21 +116,55 @@ pub struct DeadLetter {
 /// The largest Kinesis record (data and partition key), so the largest envelope.
 const MAX_KINESIS_RECORD_BYTES: usize = 1 << 20;
 
-/// The longest task message the host repeats (in a dead-letter envelope, a log line or a
-/// shard's stop reason): a task's message is a guest string of any length.
-pub const MAX_MESSAGE_BYTES: usize = 8 << 10;
+pub use kinesis_host_runtime::{MAX_MESSAGE_BYTES, cut_message};
 
-/// `message` cut to at most `max` bytes (at a character boundary), marked as cut with the
-/// length it had.
-pub fn cut_message(message: &str, max: usize) -> Cow<'_, str> {
-    if message.len() <= max {
-        return Cow::Borrowed(message);
-    }
-    let mut end = max;
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    Cow::Owned(format!("{}… (cut: {} bytes in all)", &message[..end], message.len()))
+/// The dead-letter envelope of a record that output `output` (`(name, stream)`) refused as
+/// invalid after the task emitted it while processing shard `source` (`(stream, shard)`):
+///
+/// ```json
+/// {"reason":"output_refused","error":{"kind":"output_refused","message":"InvalidArgumentException: …"},
+///  "attempts":1,"job":"orders","output":{"name":"alerts","stream":"alerts-out"},
+///  "source":{"stream":"orders","shard_id":"shardId-000000000001"},
+///  "record":{"partition_key":"k","data":"<base64>"}}
+/// ```
+///
+/// `record` is what the task emitted (with `explicit_hash_key` when set); as in every envelope,
+/// data that would not fit a Kinesis record is left out (`data_omitted`).
+pub fn refused_envelope(
+    job: &str,
+    source: (&str, &str),
+    output: (&str, &str),
+    record: (&str, Option<&str>, &[u8]),
+    message: &str,
+) -> Vec<u8> {
+    let (partition_key, explicit_hash_key, data) = record;
+    let build = |encoded: Option<String>| {
+        let mut emitted = serde_json::json!({ "partition_key": partition_key });
+        if let Some(key) = explicit_hash_key {
+            emitted["explicit_hash_key"] = key.into();
+        }
+        match encoded {
+            Some(text) => emitted["data"] = text.into(),
+            None => emitted["data_omitted"] = data.len().into(),
+        }
+        serde_json::json!({
+            "reason": GiveUp::OutputRefused.as_str(),
+            "error": {
+                "kind": GiveUp::OutputRefused.as_str(),
+                "message": cut_message(message, MAX_MESSAGE_BYTES),
+            },
+            "attempts": 1,
+            "job": job,
+            "output": { "name": output.0, "stream": output.1 },
+            "source": { "stream": source.0, "shard_id": source.1 },
+            "record": emitted,
+        })
+        .to_string()
+        .into_bytes()
+    };
+    let json = build(Some(BASE64.encode(data)));
+    // The envelope is sent with the record's partition key, which counts into the 1 MiB.
+    if json.len() + partition_key.len() > MAX_KINESIS_RECORD_BYTES { build(None) } else { json }
 }
 
 impl DeadLetter {
@@ -336,6 +381,11 @@ trait Task: Send {
     fn fuel_consumed(&self) -> u64;
     /// Calls the instance's `shutdown`, if there is one, and drops it.
     fn shutdown(&mut self);
+    /// What changed in the task's metrics since the last call of this (none without an
+    /// instance).
+    fn take_metric_changes(&mut self) -> Vec<(Arc<str>, MetricChange)> {
+        Vec::new()
+    }
 }
 
 /// The task's instance, created on demand from its component.
@@ -366,6 +416,10 @@ impl Task for Instance {
         if let Some(instance) = self.instance.take() {
             instance.shutdown();
         }
+    }
+
+    fn take_metric_changes(&mut self) -> Vec<(Arc<str>, MetricChange)> {
+        self.instance.as_mut().map_or_else(Vec::new, TaskInstance::take_metric_changes)
     }
 }
 
@@ -739,7 +793,7 @@ impl ShardWorker {
     /// Gives the CPU gate's slot back and counts the fuel the call burned
     /// (`kinesis_host_task_fuel_consumed_total`).
     fn after_call(
-        &self,
+        &mut self,
         permit: Option<crate::fairness::Permit<'_>>,
         fuel_before: u64,
         failed: bool,
@@ -747,6 +801,14 @@ impl ShardWorker {
         if let Some(permit) = permit {
             permit.finish(failed);
         }
+        // Whether the call failed or not: metrics are not part of a batch's commit.
+        crate::task_metrics::record(
+            &self.spec.job,
+            &self.spec.stream,
+            &self.spec.shard_id,
+            self.spec.limits.metric_names,
+            self.task.take_metric_changes(),
+        );
         if self.spec.limits.fuel_per_batch.is_some() {
             let burned = self.task.fuel_consumed().saturating_sub(fuel_before);
             metrics::counter!("kinesis_host_task_fuel_consumed_total", "job" => self.spec.job.clone())
@@ -1126,15 +1188,6 @@ mod tests {
         assert!(message.ends_with("(cut: 2097152 bytes in all)"));
         assert_eq!(v["record"]["data"], "eA==");
         Ok(())
-    }
-
-    #[test]
-    fn messages_are_cut_at_a_character_boundary() {
-        assert_eq!(cut_message("short", 5), "short");
-        // "é" is 2 bytes: 3 bytes of "aéé" end inside the second one.
-        assert_eq!(cut_message("aéé", 4), "aé… (cut: 5 bytes in all)");
-        assert_eq!(cut_message("aéé", 3), "aé… (cut: 5 bytes in all)");
-        assert_eq!(cut_message("aéé", 2), "a… (cut: 5 bytes in all)");
     }
 
     #[test]

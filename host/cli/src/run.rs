@@ -11,7 +11,7 @@ use kinesis_host_coordinator::aws::{
 use kinesis_host_coordinator::checkpoint::Checkpoint;
 use kinesis_host_coordinator::efo::FanOut;
 use kinesis_host_coordinator::lease::{Billing, LeaseTable};
-use kinesis_host_coordinator::output::{OutputRecord, Producer};
+use kinesis_host_coordinator::output::{MAX_BYTES_PER_REQUEST, OutputRecord, Producer};
 use kinesis_host_coordinator::state::{StateChange, StateMap};
 use kinesis_host_coordinator::worker::{
     self, ProcessorError, ProcessorFactory, ShardProcessor, ShardRecord, WorkerConfig,
@@ -24,10 +24,11 @@ use crate::config::JobConfig;
 use crate::fairness::CpuGate;
 use crate::metrics::{
     BATCH_LATENCY, BYTES_PROCESSED, DEAD_LETTER_RECORDS, Health, MILLIS_BEHIND_LATEST,
-    RECORDS_PROCESSED,
+    OUTPUT_REFUSED, RECORDS_PROCESSED,
 };
 use crate::pipeline::{
     DeadLetter, GiveUp, MAX_MESSAGE_BYTES, ShardError, ShardWorker, Sink, StopSignal, cut_message,
+    refused_envelope,
 };
 use crate::samza::{AwsSettings, BillingMode, InitialPosition, InputStream, Retrieval, RunConfig};
 
@@ -237,10 +238,19 @@ impl std::fmt::Debug for TaskProcessor {
     }
 }
 
-/// Collects what a shard's batches emitted, in order, and how many records are done.
+/// Emits of earlier batches of one read are sent once they hold this many bytes (a full
+/// `PutRecords` request), so a shard never holds more than this plus one batch's emits (at most
+/// `task.limits.emit.bytes.per.batch`) waiting for Kinesis, however many batches a read makes.
+const FLUSH_BYTES: usize = MAX_BYTES_PER_REQUEST;
+
+/// Collects what a shard's batches emitted, per output in order, and how many records are
+/// done, until it is sent.
 #[derive(Default)]
 struct Collect {
-    emits: Vec<(String, OutputRecord)>,
+    /// Per output, its records in the order emitted.
+    emits: BTreeMap<Arc<str>, Vec<OutputRecord>>,
+    /// Bytes held in `emits` and `dead_letters`.
+    bytes: usize,
     done: usize,
     /// `task.dead.letter.output`, when set.
     dead_letter: Option<String>,
@@ -260,16 +270,15 @@ impl Sink for Collect {
                 written_millis,
             }),
         );
-        self.emits.extend(output.emits.into_iter().map(|e| {
-            (
-                e.output,
-                OutputRecord {
-                    partition_key: e.partition_key,
-                    explicit_hash_key: e.explicit_hash_key,
-                    data: e.data,
-                },
-            )
-        }));
+        for e in output.emits {
+            let record = OutputRecord {
+                partition_key: e.partition_key,
+                explicit_hash_key: e.explicit_hash_key,
+                data: e.data,
+            };
+            self.bytes += record.bytes();
+            self.emits.entry(e.output).or_default().push(record);
+        }
     }
 
     fn poison(&mut self, _shard_id: &str, _record: RecordRef<'_>, _message: &str) {
@@ -289,7 +298,146 @@ impl Sink for Collect {
             explicit_hash_key: None,
             data: letter.envelope(record),
         };
+        self.bytes += envelope.bytes();
         self.dead_letters.push((letter.reason, envelope));
+    }
+}
+
+/// One shard's records from `start` on, through the task, batch by batch, until they are all
+/// done, a batch fails for good, or the emits collected reach [`FLUSH_BYTES`]. Returns what was
+/// collected, the failure if any, and the index of the first record not yet run.
+fn run_records(
+    worker: &mut ShardWorker,
+    records: &[ShardRecord],
+    start: usize,
+    batch_limits: crate::config::BatchLimits,
+    info: (&str, &str, Option<i64>),
+    latency: &metrics::Histogram,
+    dead_letter: Option<String>,
+) -> (Collect, Option<ShardError>, usize) {
+    let (stream, shard_id, millis_behind_latest) = info;
+    let mut sink = Collect { dead_letter, ..Collect::default() };
+    let new_batch = || {
+        let mut batch =
+            Batch::new(stream, shard_id, batch_limits.max_records, batch_limits.max_bytes);
+        batch.set_millis_behind_latest(millis_behind_latest.and_then(|m| u64::try_from(m).ok()));
+        batch
+    };
+    let run = |worker: &mut ShardWorker, batch: Batch, sink: &mut Collect| {
+        let started = std::time::Instant::now();
+        let result = worker.run(batch, sink);
+        latency.record(started.elapsed().as_secs_f64());
+        result
+    };
+    let mut batch = new_batch();
+    let mut next = start;
+    while let Some(r) = records.get(next) {
+        // An empty batch takes any record, so a full one is run before the record is pushed.
+        if batch.push(&record_ref(r)) {
+            next += 1;
+            continue;
+        }
+        let full = std::mem::replace(&mut batch, new_batch());
+        if let Err(e) = run(worker, full, &mut sink) {
+            return (sink, Some(e), next);
+        }
+        if sink.bytes >= FLUSH_BYTES {
+            return (sink, None, next);
+        }
+    }
+    if !batch.is_empty()
+        && let Err(e) = run(worker, batch, &mut sink)
+    {
+        return (sink, Some(e), next);
+    }
+    (sink, None, next)
+}
+
+fn record_ref(r: &ShardRecord) -> RecordRef<'_> {
+    RecordRef {
+        data: &r.data,
+        partition_key: &r.partition_key,
+        sequence_number: &r.sequence_number,
+        sub_sequence_number: r.sub_sequence_number,
+        explicit_hash_key: r.explicit_hash_key.as_deref(),
+        approximate_arrival_millis: r.arrival_millis,
+    }
+}
+
+impl TaskProcessor {
+    /// Sends what `collected` holds: each output's records in order, then the envelopes of the
+    /// records given up on, before the checkpoint passes them. Records an output refuses as
+    /// invalid go to the dead-letter output; without one, the shard stops.
+    async fn send(&self, collected: &mut Collect) -> Result<(), ProcessorError> {
+        let stopped = |message: String| ProcessorError { done: 0, message };
+        for (name, records) in std::mem::take(&mut collected.emits) {
+            let Some(producer) = self.outputs.get(&*name) else {
+                return Err(stopped(format!("the task emitted to unknown output {name}")));
+            };
+            let refused = producer.send(&records).await.map_err(|e| stopped(e.to_string()))?;
+            if refused.is_empty() {
+                continue;
+            }
+            metrics::counter!(
+                OUTPUT_REFUSED,
+                "job" => self.job.job_name.clone(),
+                "stream" => self.stream.clone(),
+                "output" => name.to_string(),
+            )
+            .increment(refused.len() as u64);
+            let Some(dead_letter) = &collected.dead_letter else {
+                let first = &refused[0];
+                let record = &records[first.index];
+                return Err(stopped(format!(
+                    "output {name} (stream {}) refused {} of the records the task emitted as invalid, such as one with partition key {}: {}; the valid ones were sent. Set task.dead.letter.output to go on without such records",
+                    producer.stream(),
+                    refused.len(),
+                    kinesis_host_runtime::escape_control(kinesis_host_runtime::truncate(
+                        &record.partition_key,
+                        64
+                    )),
+                    first.message,
+                )));
+            };
+            tracing::warn!(shard = %self.shard_id, output = %name, records = refused.len(), error = %refused[0].message, "An output refused records the task emitted as invalid: writing them to the dead-letter output.");
+            for refusal in &refused {
+                let record = &records[refusal.index];
+                let envelope = refused_envelope(
+                    &self.job.job_name,
+                    (&self.stream, &self.shard_id),
+                    (&name, producer.stream()),
+                    (&record.partition_key, record.explicit_hash_key.as_deref(), &record.data),
+                    &refusal.message,
+                );
+                let letter = OutputRecord {
+                    partition_key: record.partition_key.clone(),
+                    explicit_hash_key: None,
+                    data: envelope,
+                };
+                collected.dead_letters.push((GiveUp::OutputRefused, letter));
+            }
+            if dead_letter.as_str() == &*name {
+                // The dead-letter output refused them itself: nowhere left to put them.
+                return Err(stopped(format!(
+                    "the dead-letter output {name} (stream {}) refused records as invalid: {}",
+                    producer.stream(),
+                    refused[0].message
+                )));
+            }
+        }
+        if let Some(name) = &collected.dead_letter
+            && !collected.dead_letters.is_empty()
+        {
+            send_dead_letters(
+                &self.outputs,
+                name,
+                &self.job.job_name,
+                &self.stream,
+                &std::mem::take(&mut collected.dead_letters),
+            )
+            .await?;
+        }
+        Ok(())
     }
 }
 
@@ -299,122 +447,65 @@ impl ShardProcessor for TaskProcessor {
         records: Arc<Vec<ShardRecord>>,
         millis_behind_latest: Option<i64>,
     ) -> Result<usize, ProcessorError> {
-        let worker = self.worker.clone();
-        let (stream, shard_id) = (self.stream.clone(), self.shard_id.clone());
-        let limits = self.job.batch;
         if let Some(millis) = millis_behind_latest {
             self.metrics.millis_behind_latest.set(millis as f64);
         }
-        let batch_latency = self.metrics.batch_latency.clone();
-        let timed = move |worker: &mut ShardWorker, batch: Batch, sink: &mut Collect| {
-            let started = std::time::Instant::now();
-            let result = worker.run(batch, sink);
-            batch_latency.record(started.elapsed().as_secs_f64());
-            result
-        };
-        let all = records.clone();
-        let dead_letter = self.job.dead_letter_output.clone();
-        // The task runs on a blocking thread, so a slow task never stalls lease renewal.
-        let mut task = tokio::task::spawn_blocking(move || {
-            let mut worker = worker.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut sink = Collect { dead_letter, ..Collect::default() };
-            let mut batch = Batch::new(&stream, &shard_id, limits.max_records, limits.max_bytes);
-            batch
-                .set_millis_behind_latest(millis_behind_latest.and_then(|m| u64::try_from(m).ok()));
-            let mut failure = None;
-            for r in records.iter() {
-                let record = RecordRef {
-                    data: &r.data,
-                    partition_key: &r.partition_key,
-                    sequence_number: &r.sequence_number,
-                    sub_sequence_number: r.sub_sequence_number,
-                    explicit_hash_key: r.explicit_hash_key.as_deref(),
-                    approximate_arrival_millis: r.arrival_millis,
-                };
-                if !batch.push(&record) {
-                    let mut full =
-                        Batch::new(&stream, &shard_id, limits.max_records, limits.max_bytes);
-                    full.set_millis_behind_latest(
-                        millis_behind_latest.and_then(|m| u64::try_from(m).ok()),
-                    );
-                    std::mem::swap(&mut batch, &mut full);
-                    if let Err(e) = timed(&mut worker, full, &mut sink) {
-                        failure = Some(e);
-                        break;
-                    }
-                    batch.push(&record);
-                }
-            }
-            if failure.is_none()
-                && !batch.is_empty()
-                && let Err(e) = timed(&mut worker, batch, &mut sink)
-            {
-                failure = Some(e);
-            }
-            (sink, failure)
-        });
-        // Asked to stop while the task runs: tell the worker, so a back-off ends at once.
-        let joined = match self.stop_watch.clone() {
-            Some(mut watch) => {
-                tokio::select! {
-                    joined = &mut task => joined,
-                    _ = async { watch.wait_for(|stop| *stop).await.map(|_| ()) } => {
-                        self.stop.stop();
-                        task.await
+        let mut done = 0;
+        let mut next = 0;
+        self.state_changes.clear();
+        while next < records.len() {
+            let worker = self.worker.clone();
+            let (stream, shard_id) = (self.stream.clone(), self.shard_id.clone());
+            let limits = self.job.batch;
+            let latency = self.metrics.batch_latency.clone();
+            let dead_letter = self.job.dead_letter_output.clone();
+            let all = records.clone();
+            let start = next;
+            // The task runs on a blocking thread, so a slow task never stalls lease renewal.
+            let mut task = tokio::task::spawn_blocking(move || {
+                let mut worker = worker.lock().unwrap_or_else(PoisonError::into_inner);
+                let info = (stream.as_str(), shard_id.as_str(), millis_behind_latest);
+                run_records(&mut worker, &all, start, limits, info, &latency, dead_letter)
+            });
+            // Asked to stop while the task runs: tell the worker, so a back-off ends at once.
+            let joined = match self.stop_watch.clone() {
+                Some(mut watch) => {
+                    tokio::select! {
+                        joined = &mut task => joined,
+                        _ = async { watch.wait_for(|stop| *stop).await.map(|_| ()) } => {
+                            self.stop.stop();
+                            task.await
+                        }
                     }
                 }
-            }
-            None => task.await,
-        };
-        let (collected, failure) = joined.map_err(|e| ProcessorError {
-            done: 0,
-            message: format!("the task's thread failed: {e}"),
-        })?;
-        // Send what the done records emitted, per output in order, before anything is
-        // checkpointed.
-        let mut per_output: BTreeMap<&str, Vec<OutputRecord>> = BTreeMap::new();
-        for (name, record) in &collected.emits {
-            per_output.entry(name.as_str()).or_default().push(record.clone());
-        }
-        for (name, records) in per_output {
-            let Some(producer) = self.outputs.get(name) else {
-                return Err(ProcessorError {
-                    done: 0,
-                    message: format!("the task emitted to unknown output {name}"),
-                });
+                None => task.await,
             };
-            producer
-                .send(&records)
-                .await
-                .map_err(|e| ProcessorError { done: 0, message: e.to_string() })?;
+            let (mut collected, failure, after) = joined.map_err(|e| ProcessorError {
+                done,
+                message: format!("the task's thread failed: {e}"),
+            })?;
+            // The done records' outputs go out before anything is checkpointed.
+            self.send(&mut collected).await.map_err(|e| ProcessorError { done, ..e })?;
+            // The outputs are acknowledged: the done records' state may be checkpointed.
+            self.state_changes.append(&mut collected.state_changes);
+            let finished = records.get(start..start + collected.done).unwrap_or_default();
+            self.metrics.records.increment(finished.len() as u64);
+            self.metrics.bytes.increment(finished.iter().map(|r| r.data.len() as u64).sum());
+            done += collected.done;
+            match failure {
+                // Cut short by a stop: the worker checkpoints the done records and stops.
+                Some(ShardError::Stopped { .. }) => return Ok(done),
+                Some(error) => {
+                    return Err(ProcessorError {
+                        done,
+                        // The task's message may be of any length.
+                        message: cut_message(&error.to_string(), MAX_MESSAGE_BYTES).into_owned(),
+                    });
+                }
+                None => next = after,
+            }
         }
-        // Then the envelopes of the records given up on, before the checkpoint passes them.
-        if let Some(name) = &collected.dead_letter
-            && !collected.dead_letters.is_empty()
-        {
-            send_dead_letters(
-                &self.outputs,
-                name,
-                &self.job.job_name,
-                &self.stream,
-                &collected.dead_letters,
-            )
-            .await?;
-        }
-        // The outputs are acknowledged: the done records' state may be checkpointed.
-        self.state_changes = collected.state_changes;
-        let done = all.get(..collected.done).unwrap_or(&all);
-        self.metrics.records.increment(done.len() as u64);
-        self.metrics.bytes.increment(done.iter().map(|r| r.data.len() as u64).sum());
-        match failure {
-            // Cut short by a stop: the worker checkpoints the done records and stops.
-            Some(ShardError::Stopped { .. }) | None => Ok(collected.done),
-            Some(error) => Err(ProcessorError {
-                done: collected.done,
-                // The task's message may be of any length.
-                message: cut_message(&error.to_string(), MAX_MESSAGE_BYTES).into_owned(),
-            }),
-        }
+        Ok(done)
     }
 
     fn watch_stop(&mut self, stop: tokio::sync::watch::Receiver<bool>) {
@@ -432,6 +523,7 @@ impl ShardProcessor for TaskProcessor {
     }
 
     async fn close(self) {
+        crate::task_metrics::forget(&self.job.job_name, &self.stream, &self.shard_id);
         let worker = self.worker;
         let _ = tokio::task::spawn_blocking(move || {
             if let Ok(worker) = Arc::try_unwrap(worker)
@@ -453,18 +545,23 @@ async fn send_dead_letters(
     stream: &str,
     letters: &[(GiveUp, OutputRecord)],
 ) -> Result<(), ProcessorError> {
+    let failed = |message: String| ProcessorError { done: 0, message };
     let Some(producer) = outputs.get(name) else {
-        return Err(ProcessorError {
-            done: 0,
-            message: format!("task.dead.letter.output={name} is not an output of the job"),
-        });
+        return Err(failed(format!("task.dead.letter.output={name} is not an output of the job")));
     };
     let records: Vec<OutputRecord> = letters.iter().map(|(_, r)| r.clone()).collect();
-    producer.send(&records).await.map_err(|e| ProcessorError {
-        done: 0,
-        message: format!("cannot write dead letters to task.dead.letter.output={name}: {e}"),
+    let refused = producer.send(&records).await.map_err(|e| {
+        failed(format!("cannot write dead letters to task.dead.letter.output={name}: {e}"))
     })?;
-    for reason in [GiveUp::PoisonRecord, GiveUp::RetriesExhausted, GiveUp::RecordTooOld] {
+    if let Some(first) = refused.first() {
+        return Err(failed(format!(
+            "the dead-letter output task.dead.letter.output={name} (stream {}) refused {} envelopes as invalid: {}",
+            producer.stream(),
+            refused.len(),
+            first.message
+        )));
+    }
+    for reason in GiveUp::ALL {
         let n = letters.iter().filter(|(r, _)| *r == reason).count();
         if n > 0 {
             metrics::counter!(

@@ -1,5 +1,7 @@
 //! Producing the task's emits to Kinesis with `PutRecords`: requests within the service limits
-//! (500 records, 5 MiB), only failed entries retried, with back-off.
+//! (500 records, 5 MiB), only failed entries retried, with back-off. A request that Kinesis
+//! refuses whole because a record in it is invalid is split until the invalid records stand
+//! alone: the valid ones are delivered, and the invalid ones are reported, never retried.
 
 use std::time::Duration;
 
@@ -21,6 +23,25 @@ pub struct OutputRecord {
     pub explicit_hash_key: Option<String>,
     /// The data.
     pub data: Vec<u8>,
+}
+
+impl OutputRecord {
+    /// Bytes it holds: data, partition key and explicit hash key.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+            + self.partition_key.len()
+            + self.explicit_hash_key.as_ref().map_or(0, String::len)
+    }
+}
+
+/// A record that Kinesis refused as invalid (`InvalidArgumentException` or
+/// `ValidationException` for a request of that record alone): sending it again cannot succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Its index in the records given to [`Producer::send`].
+    pub index: usize,
+    /// What Kinesis said.
+    pub message: String,
 }
 
 /// Why records could not be sent.
@@ -70,13 +91,16 @@ impl Producer {
     }
 
     /// Sends every record, in order, in as few requests as the limits allow; returns when all
-    /// are acknowledged. A request's failed entries are retried with back-off: their order
-    /// relative to later records of the same partition key in the same request is then not
-    /// kept (as with any PutRecords client).
+    /// are acknowledged, or refused as invalid. A request's failed entries are retried with
+    /// back-off: their order relative to later records of the same partition key in the same
+    /// request is then not kept (as with any PutRecords client). A request refused whole as
+    /// invalid is split in halves, and each half sent in turn, until the records Kinesis refuses
+    /// are alone in their request: those are returned, and every other record is delivered.
     ///
     /// # Errors
     /// When some records still fail after the last attempt.
-    pub async fn send(&self, records: &[OutputRecord]) -> Result<(), ProduceError> {
+    pub async fn send(&self, records: &[OutputRecord]) -> Result<Vec<Refused>, ProduceError> {
+        let mut refused = Vec::new();
         let mut start = 0;
         while start < records.len() {
             let mut end = start;
@@ -89,13 +113,30 @@ impl Producer {
                 bytes += size;
                 end += 1;
             }
-            self.send_request(&records[start..end]).await?;
+            // Ranges still to send, the next one last.
+            let mut ranges = Vec::new();
+            ranges.push(start..end);
+            while let Some(range) = ranges.pop() {
+                match self.send_request(&records[range.clone()]).await? {
+                    Sent::All => {}
+                    Sent::Invalid(message) if range.len() == 1 => {
+                        tracing::debug!(stream = %self.stream, index = range.start, %message, "Kinesis refused a record as invalid.");
+                        refused.push(Refused { index: range.start, message });
+                    }
+                    Sent::Invalid(message) => {
+                        tracing::debug!(stream = %self.stream, records = range.len(), %message, "Kinesis refused a request as invalid: sending its halves apart to find the invalid records.");
+                        let mid = range.start + range.len() / 2;
+                        ranges.push(mid..range.end);
+                        ranges.push(range.start..mid);
+                    }
+                }
+            }
             start = end;
         }
-        Ok(())
+        Ok(refused)
     }
 
-    async fn send_request(&self, records: &[OutputRecord]) -> Result<(), ProduceError> {
+    async fn send_request(&self, records: &[OutputRecord]) -> Result<Sent, ProduceError> {
         let mut pending: Vec<&OutputRecord> = records.iter().collect();
         let mut backoff = Duration::from_millis(100);
         let mut last_error = String::new();
@@ -122,7 +163,7 @@ impl Producer {
                 .send()
                 .await
             {
-                Ok(out) if out.failed_record_count().unwrap_or(0) == 0 => return Ok(()),
+                Ok(out) if out.failed_record_count().unwrap_or(0) == 0 => return Ok(Sent::All),
                 Ok(out) => {
                     let results = out.records();
                     let mut still = Vec::new();
@@ -139,13 +180,18 @@ impl Producer {
                     tracing::debug!(stream = %self.stream, failed = still.len(), attempt, "PutRecords partly failed; retrying the failed records.");
                     pending = still;
                 }
+                // Refused whole before any of its records was written (a retry holds only those
+                // not yet written, which Kinesis took as valid before): say so, to be split.
+                Err(e) if refused_as_invalid(&e) && pending.len() == records.len() => {
+                    return Ok(Sent::Invalid(crate::sdk_error::message(&e)));
+                }
                 Err(e) => {
                     last_error = crate::sdk_error::message(&e);
                     tracing::warn!(stream = %self.stream, attempt, error = %last_error, "PutRecords failed; retrying.");
                 }
             }
             if pending.is_empty() {
-                return Ok(());
+                return Ok(Sent::All);
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -157,4 +203,27 @@ impl Producer {
             message: last_error,
         })
     }
+}
+
+/// How one request went.
+enum Sent {
+    /// Every record is acknowledged.
+    All,
+    /// Kinesis refused the request because of what a record in it holds.
+    Invalid(String),
+}
+
+/// Whether Kinesis refused a request for its content, so that sending it again cannot succeed:
+/// `InvalidArgumentException` (a partition key, hash key or size out of bounds) or a
+/// `ValidationException` (a constraint of the API model).
+fn refused_as_invalid<R>(
+    error: &aws_sdk_kinesis::error::SdkError<
+        aws_sdk_kinesis::operation::put_records::PutRecordsError,
+        R,
+    >,
+) -> bool {
+    use aws_sdk_kinesis::error::ProvideErrorMetadata;
+    error.as_service_error().is_some_and(|e| {
+        e.is_invalid_argument_exception() || e.code() == Some("ValidationException")
+    })
 }

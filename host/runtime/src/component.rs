@@ -10,7 +10,7 @@ use wasmtime::component::{Component, types::ComponentItem};
 use crate::RuntimeInner;
 use crate::bindings::KinesisTaskPre;
 use crate::error::LoadError;
-use crate::instance::HostState;
+use crate::host::HostState;
 
 /// The instance every task exports.
 pub const TASK_INTERFACE: &str = "kinesis:task/task@0.1.0";

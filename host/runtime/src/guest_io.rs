@@ -95,18 +95,6 @@ impl LogTags {
     }
 }
 
-/// Cuts `line` to at most `max` bytes on a character boundary.
-pub(crate) fn truncate(line: &str, max: usize) -> &str {
-    if line.len() <= max {
-        return line;
-    }
-    let mut end = max;
-    while !line.is_char_boundary(end) {
-        end -= 1;
-    }
-    &line[..end]
-}
-
 #[derive(Debug, Default)]
 struct Captured {
     buf: Vec<u8>,
@@ -133,6 +121,11 @@ impl CapturedOutput {
     pub(crate) fn drain(&self) -> (Vec<u8>, u64) {
         let mut c = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         (std::mem::take(&mut c.buf), std::mem::take(&mut c.dropped_bytes))
+    }
+
+    /// Bytes the buffer takes now (its allocation: under twice [`CAPTURE_BYTES`]).
+    pub(crate) fn held_bytes(&self) -> usize {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner).buf.capacity()
     }
 }
 
@@ -229,11 +222,5 @@ mod tests {
         let (buf, dropped) = out.drain();
         assert_eq!((buf.len(), dropped), (CAPTURE_BYTES, 10));
         assert_eq!(out.drain(), (Vec::new(), 0));
-    }
-
-    #[test]
-    fn truncate_respects_char_boundaries() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("hello", 10), "hello");
     }
 }

@@ -1,20 +1,22 @@
-//! One task instance: a `Store` with the host's imports, limits and per-batch buffers.
+//! One task instance: a `Store` with the host's imports and limits, and its calls.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use wasmtime::component::ResourceTable;
-use wasmtime::{ResourceLimiter, Store, Trap};
-use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime::{Store, Trap};
+use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::batch::Batch;
 use crate::bindings::KinesisTask;
-use crate::bindings::kinesis::task::{log, metrics, output, state, types};
+use crate::bindings::kinesis::task::types;
 use crate::component::TaskComponent;
 use crate::error::{CallError, TaskErrorKind, TrapKind};
-use crate::guest_io::{CapturedOutput, LogBudget, LogLevel, LogTags, truncate};
+use crate::guest_io::{CapturedOutput, LogBudget};
+use crate::host::HostState;
 use crate::limits::Limits;
+use crate::metrics::{MetricChange, MetricValue};
+use crate::text::{MAX_MESSAGE_BYTES, clean_message};
 
 /// Which logical output names a task may emit to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,15 +25,6 @@ pub enum Outputs {
     Any,
     /// Only these names.
     Only(BTreeSet<String>),
-}
-
-impl Outputs {
-    fn allows(&self, name: &str) -> bool {
-        match self {
-            Outputs::Any => true,
-            Outputs::Only(names) => names.contains(name),
-        }
-    }
 }
 
 /// What an instance is for, and what it may do.
@@ -54,8 +47,8 @@ pub struct InstanceSpec {
 /// A record emitted by a task, to be sent once its batch is committed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Emit {
-    /// The logical output name.
-    pub output: String,
+    /// The logical output name (shared with every other emit to it).
+    pub output: Arc<str>,
     /// The partition key.
     pub partition_key: String,
     /// The explicit hash key, if any.
@@ -128,22 +121,6 @@ pub struct BatchOutput {
     pub state_changes: Vec<(String, Option<Vec<u8>>)>,
 }
 
-/// A metric's latest value as seen by the host.
-#[derive(Debug, Clone, PartialEq)]
-pub enum MetricValue {
-    /// A counter's total.
-    Counter(u64),
-    /// A gauge's last value.
-    Gauge(f64),
-    /// A histogram's observation count and sum.
-    Histogram {
-        /// Observations.
-        count: u64,
-        /// Their sum.
-        sum: f64,
-    },
-}
-
 /// Counters about what an instance was refused or had dropped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct InstanceStats {
@@ -155,354 +132,9 @@ pub struct InstanceStats {
     pub log_lines_dropped: u64,
     /// Bytes of stdout/stderr dropped because the guest wrote too much between two drains.
     pub output_bytes_dropped: u64,
-}
-
-#[derive(Debug)]
-struct MemoryLimiter {
-    limit: usize,
-    hit: bool,
-}
-
-impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _max: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        if desired > self.limit {
-            self.hit = true;
-            wasmtime::bail!(
-                "memory would grow to {desired} bytes, over the {}-byte limit",
-                self.limit
-            );
-        }
-        Ok(true)
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _max: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
-    }
-}
-
-/// The `Store` data of one instance.
-pub(crate) struct HostState {
-    wasi: WasiCtx,
-    table: ResourceTable,
-    limiter: MemoryLimiter,
-    spec: Arc<InstanceSpec>,
-    tags: LogTags,
-    budget: LogBudget,
-    stdout: CapturedOutput,
-    stderr: CapturedOutput,
-    stats: InstanceStats,
-    metrics: BTreeMap<String, MetricValue>,
-    // Per call:
-    emits: Vec<Emit>,
-    emit_bytes: usize,
-    state: ShardState,
-    pending: HashMap<String, Option<Vec<u8>>>,
-    state_bytes: usize,
-    /// Whether this call already logged a refused state write (one line per call).
-    state_refusal_logged: bool,
-}
-
-impl WasiView for HostState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
-    }
-}
-
-impl HostState {
-    fn limits(&self) -> &Limits {
-        &self.spec.limits
-    }
-
-    fn begin_call(&mut self, state: &mut ShardState) {
-        self.emits.clear();
-        self.emit_bytes = 0;
-        self.pending.clear();
-        self.state = std::mem::take(state);
-        self.state_bytes = self.state.bytes;
-        self.state_refusal_logged = false;
-    }
-
-    /// Logs a refused state write, once per call: the shard, the key and the setting to raise.
-    fn refuse_state_write(&mut self, key: &str, problem: String, setting: &str) {
-        self.stats.state_writes_refused += 1;
-        if std::mem::replace(&mut self.state_refusal_logged, true) {
-            return;
-        }
-        let shown: String = key.chars().take(64).collect();
-        let cut = if shown.len() < key.len() { "…" } else { "" };
-        tracing::warn!(
-            job = %self.spec.job,
-            stream = %self.spec.stream,
-            shard = %self.spec.shard_id,
-            key = %format!("{shown}{cut}"),
-            setting,
-            "State write refused: {problem}; the task got an error. Raise {setting} in job.properties if the task needs more (further refusals in this batch are only counted)."
-        );
-    }
-
-    fn current(&self, key: &str) -> Option<&[u8]> {
-        match self.pending.get(key) {
-            Some(pending) => pending.as_deref(),
-            None => self.state.get(key),
-        }
-    }
-
-    /// Writes the guest's stdout and stderr into the log, then says how many lines the rate
-    /// limit dropped during the call. Returns what stderr said last: a Rust panic's location and
-    /// message, else its last line.
-    fn drain_output(&mut self) -> Option<String> {
-        let mut stderr_tail = None;
-        for (capture, level, source) in [
-            (self.stdout.clone(), LogLevel::Info, "stdout"),
-            (self.stderr.clone(), LogLevel::Warn, "stderr"),
-        ] {
-            let (bytes, dropped) = capture.drain();
-            self.stats.output_bytes_dropped += dropped;
-            let text = String::from_utf8_lossy(&bytes);
-            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-            for line in &lines {
-                self.log_line(level, source, line);
-            }
-            if source == "stderr" && !lines.is_empty() {
-                stderr_tail =
-                    Some(truncate(&panic_message(&lines), self.limits().log_line_bytes).to_owned());
-            }
-        }
-        let dropped = self.budget.take_pending_dropped();
-        if dropped > 0 {
-            let rate = self.limits().log_bytes_per_second;
-            self.tags.emit(
-                LogLevel::Warn,
-                "host",
-                &format!("Dropped {dropped} task log lines over the rate limit of {rate} bytes/s (task.limits.log.bytes.per.second)."),
-            );
-        }
-        stderr_tail
-    }
-
-    fn log_line(&mut self, level: LogLevel, source: &'static str, line: &str) {
-        let line = truncate(line, self.spec.limits.log_line_bytes);
-        if self.budget.allow(line.len()) {
-            self.tags.emit(level, source, line);
-        } else {
-            self.stats.log_lines_dropped += 1;
-        }
-    }
-}
-
-/// From a guest's stderr lines, the panic location and message when Rust panicked (std prints
-/// `thread '…' panicked at FILE:LINE:COL:`, the message, then a note about backtraces).
-fn panic_message(lines: &[&str]) -> String {
-    match lines.iter().rposition(|l| l.contains(" panicked at ")) {
-        Some(at) => {
-            let location = lines[at].split(" panicked at ").nth(1).unwrap_or(lines[at]);
-            match lines.get(at + 1).filter(|l| !l.starts_with("note: run with")) {
-                Some(message) => format!("panicked at {location} {message}"),
-                None => format!("panicked at {location}"),
-            }
-        }
-        None => lines.last().copied().unwrap_or_default().to_owned(),
-    }
-}
-
-impl types::Host for HostState {}
-
-impl output::Host for HostState {
-    fn emit(
-        &mut self,
-        name: String,
-        partition_key: String,
-        explicit_hash_key: Option<String>,
-        data: Vec<u8>,
-    ) -> Result<(), output::EmitError> {
-        let result = self.check_emit(&name, &partition_key, explicit_hash_key.as_deref(), &data);
-        if result.is_err() {
-            self.stats.emits_refused += 1;
-            return result;
-        }
-        self.emit_bytes += data.len() + partition_key.len();
-        self.emits.push(Emit { output: name, partition_key, explicit_hash_key, data });
-        Ok(())
-    }
-}
-
-impl HostState {
-    fn check_emit(
-        &self,
-        name: &str,
-        partition_key: &str,
-        explicit_hash_key: Option<&str>,
-        data: &[u8],
-    ) -> Result<(), output::EmitError> {
-        let limits = self.limits();
-        if !self.spec.outputs.allows(name) {
-            return Err(output::EmitError::UnknownOutput(name.to_owned()));
-        }
-        if data.len() > limits.emit_bytes {
-            return Err(output::EmitError::TooLarge(
-                u32::try_from(limits.emit_bytes).unwrap_or(u32::MAX),
-            ));
-        }
-        let key_chars = partition_key.chars().count();
-        if key_chars == 0 || key_chars > 256 {
-            return Err(output::EmitError::InvalidKey(format!(
-                "the partition key has {key_chars} characters; Kinesis takes 1 to 256"
-            )));
-        }
-        if let Some(hash) = explicit_hash_key
-            && (hash.is_empty()
-                || !hash.bytes().all(|b| b.is_ascii_digit())
-                || hash.parse::<u128>().is_err())
-        {
-            return Err(output::EmitError::InvalidKey(format!(
-                "explicit hash key {:?} is not a decimal number below 2^128",
-                truncate(hash, 64)
-            )));
-        }
-        if self.emits.len() >= limits.emits_per_batch
-            || self.emit_bytes + data.len() + partition_key.len() > limits.emit_bytes_per_batch
-        {
-            return Err(output::EmitError::QuotaExceeded);
-        }
-        Ok(())
-    }
-}
-
-impl state::Host for HostState {
-    fn get(&mut self, key: String) -> Option<Vec<u8>> {
-        self.current(&key).map(<[u8]>::to_vec)
-    }
-
-    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), state::StateError> {
-        let limits = self.spec.limits.clone();
-        if key.len() > limits.state_key_bytes {
-            self.refuse_state_write(
-                &key,
-                format!("the key has {} bytes, more than {}", key.len(), limits.state_key_bytes),
-                "task.limits.state.key.bytes",
-            );
-            return Err(state::StateError::TooLarge(
-                u32::try_from(limits.state_key_bytes).unwrap_or(u32::MAX),
-            ));
-        }
-        if value.len() > limits.state_value_bytes {
-            self.refuse_state_write(
-                &key,
-                format!(
-                    "the value has {} bytes, more than {}",
-                    value.len(),
-                    limits.state_value_bytes
-                ),
-                "task.limits.state.value.bytes",
-            );
-            return Err(state::StateError::TooLarge(
-                u32::try_from(limits.state_value_bytes).unwrap_or(u32::MAX),
-            ));
-        }
-        let old = self.current(&key).map_or(0, |v| key.len() + v.len());
-        let new_total = self.state_bytes - old + key.len() + value.len();
-        if new_total > limits.state_total_bytes {
-            self.refuse_state_write(
-                &key,
-                format!(
-                    "the shard's state would hold {new_total} bytes, more than {}",
-                    limits.state_total_bytes
-                ),
-                "task.limits.state.total.bytes",
-            );
-            return Err(state::StateError::QuotaExceeded);
-        }
-        self.state_bytes = new_total;
-        self.pending.insert(key, Some(value));
-        Ok(())
-    }
-
-    fn delete(&mut self, key: String) {
-        if let Some(old) = self.current(&key).map(|v| key.len() + v.len()) {
-            self.state_bytes -= old;
-            self.pending.insert(key, None);
-        }
-    }
-}
-
-impl log::Host for HostState {
-    fn log(&mut self, level: log::Level, message: String) {
-        let level = match level {
-            log::Level::Trace => LogLevel::Trace,
-            log::Level::Debug => LogLevel::Debug,
-            log::Level::Info => LogLevel::Info,
-            log::Level::Warn => LogLevel::Warn,
-            log::Level::Error => LogLevel::Error,
-        };
-        self.log_line(level, "task", &message);
-    }
-}
-
-impl HostState {
-    fn metric(
-        &mut self,
-        name: String,
-        update: impl FnOnce(Option<&mut MetricValue>) -> Option<MetricValue>,
-    ) {
-        let at_cap = self.metrics.len() >= self.limits().metric_names;
-        match self.metrics.get_mut(&name) {
-            Some(value) => {
-                update(Some(value));
-            }
-            None if !at_cap => {
-                if let Some(value) = update(None) {
-                    self.metrics.insert(name, value);
-                }
-            }
-            None => {}
-        }
-    }
-}
-
-impl metrics::Host for HostState {
-    fn counter(&mut self, name: String, value: u64) {
-        self.metric(name, |m| match m {
-            Some(MetricValue::Counter(total)) => {
-                *total = total.saturating_add(value);
-                None
-            }
-            Some(_) => None,
-            None => Some(MetricValue::Counter(value)),
-        });
-    }
-
-    fn gauge(&mut self, name: String, value: f64) {
-        self.metric(name, |m| match m {
-            Some(MetricValue::Gauge(last)) => {
-                *last = value;
-                None
-            }
-            Some(_) => None,
-            None => Some(MetricValue::Gauge(value)),
-        });
-    }
-
-    fn histogram(&mut self, name: String, value: f64) {
-        self.metric(name, |m| match m {
-            Some(MetricValue::Histogram { count, sum }) => {
-                *count += 1;
-                *sum += value;
-                None
-            }
-            Some(_) => None,
-            None => Some(MetricValue::Histogram { count: 1, sum: value }),
-        });
-    }
+    /// Metric updates ignored (a bad name, too many names, a name of another type, a histogram
+    /// observation that is not a finite number).
+    pub metrics_refused: u64,
 }
 
 /// A live task instance for one shard. After a trap it is poisoned: drop it and create another.
@@ -543,29 +175,8 @@ impl TaskInstance {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
-        let tags = LogTags {
-            job: spec.job.as_str().into(),
-            stream: spec.stream.as_str().into(),
-            shard: spec.shard_id.as_str().into(),
-        };
-        let state = HostState {
-            wasi,
-            table: ResourceTable::new(),
-            limiter: MemoryLimiter { limit: spec.limits.memory_bytes, hit: false },
-            budget: LogBudget::new(spec.limits.log_bytes_per_second, runtime.clock.clone()),
-            tags,
-            stdout,
-            stderr,
-            stats: InstanceStats::default(),
-            metrics: BTreeMap::new(),
-            emits: Vec::new(),
-            emit_bytes: 0,
-            state: ShardState::default(),
-            pending: HashMap::new(),
-            state_bytes: 0,
-            state_refusal_logged: false,
-            spec,
-        };
+        let budget = LogBudget::new(spec.limits.log_bytes_per_second, runtime.clock.clone());
+        let state = HostState::new(spec, wasi, stdout, stderr, budget);
         let fuel = state.spec.limits.fuel_per_batch;
         if fuel.is_some() && !runtime.fuel {
             return Err(CallError::Instantiate {
@@ -680,9 +291,23 @@ impl TaskInstance {
         self.store.data().stats
     }
 
-    /// The task's metrics as last updated.
-    pub fn metrics(&self) -> &BTreeMap<String, MetricValue> {
-        &self.store.data().metrics
+    /// The task's metrics, as this instance has recorded them since it was created.
+    pub fn metrics(&self) -> BTreeMap<&str, &MetricValue> {
+        self.store.data().metrics.values().collect()
+    }
+
+    /// What changed in the task's metrics since the last call of this method (after any call,
+    /// whether it succeeded or not: metrics are not part of a batch's commit), for the host to
+    /// export under the job's labels.
+    pub fn take_metric_changes(&mut self) -> Vec<(Arc<str>, MetricChange)> {
+        self.store.data_mut().metrics.take_changes()
+    }
+
+    /// Bytes the host holds for this instance beside its linear memory: between calls, the
+    /// metric table and the output buffers; during a call, also its emits and state writes and
+    /// the shard's state lent to it.
+    pub fn host_bytes(&self) -> usize {
+        self.store.data().held_bytes()
     }
 
     /// Fuel burned by all of this instance's calls (`init` included); 0 unless the job meters
@@ -716,6 +341,7 @@ impl TaskInstance {
     }
 
     fn task_error(&self, e: types::TaskError) -> CallError {
+        let max = self.store.data().spec.limits.log_line_bytes.min(MAX_MESSAGE_BYTES);
         CallError::Task {
             shard_id: self.shard_id().to_owned(),
             kind: match e.kind {
@@ -724,7 +350,8 @@ impl TaskInstance {
                 types::ErrorKind::Fatal => TaskErrorKind::Fatal,
             },
             record_index: e.record_index,
-            message: e.message,
+            // A guest string of any length, on its way into log lines and dead letters.
+            message: clean_message(&e.message, max),
         }
     }
 
@@ -743,7 +370,8 @@ impl TaskInstance {
         };
         let message = match error.downcast_ref::<Trap>() {
             Some(trap) => trap.to_string(),
-            None => error.root_cause().to_string(),
+            // Can name the guest's own functions, so it is the guest's text too.
+            None => clean_message(&error.root_cause().to_string(), MAX_MESSAGE_BYTES),
         };
         CallError::Trap { shard_id: self.shard_id().to_owned(), kind, message, stderr_tail }
     }

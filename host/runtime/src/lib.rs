@@ -52,8 +52,11 @@ mod clock;
 mod component;
 mod error;
 mod guest_io;
+mod host;
 mod instance;
 mod limits;
+mod metrics;
+mod text;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,7 +64,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use wasmtime::component::{HasSelf, Linker};
+use wasmtime::component::Linker;
 use wasmtime::{Config, Engine};
 
 pub use batch::{Batch, RecordRef};
@@ -69,12 +72,15 @@ pub use clock::{Clock, SystemClock};
 pub use component::{ComponentReport, TASK_FUNCTIONS, TASK_INTERFACE, TaskComponent};
 pub use error::{BoxError, CallError, LoadError, SetupError, TaskErrorKind, TrapKind};
 pub use guest_io::LogLevel;
+pub use host::{MAX_PARTITION_KEY_CHARS, MAX_RECORD_BYTES};
 pub use instance::{
-    BatchOutput, Emit, InstanceSpec, InstanceStats, MetricValue, Outputs, ShardState, TaskInstance,
+    BatchOutput, Emit, InstanceSpec, InstanceStats, Outputs, ShardState, TaskInstance,
 };
 pub use limits::Limits;
+pub use metrics::{HISTOGRAM_BUCKETS, Histogram, MAX_METRIC_NAME_BYTES, MetricChange, MetricValue};
+pub use text::{MAX_MESSAGE_BYTES, clean_message, cut_message, escape_control, truncate};
 
-use instance::HostState;
+use host::HostState;
 
 /// How the runtime is set up.
 #[derive(Debug, Clone)]
@@ -154,8 +160,7 @@ impl Runtime {
         let engine = Engine::new(&c).map_err(|e| SetupError::Engine(e.to_string().into()))?;
 
         let mut linker: Linker<HostState> = Linker::new(&engine);
-        bindings::KinesisTask::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
-            .map_err(|e| SetupError::Linker(e.to_string().into()))?;
+        host::add_to_linker(&mut linker).map_err(|e| SetupError::Linker(e.to_string().into()))?;
         // Rust's std on wasm32-wasip2 imports WASI; link it with an empty context (see
         // `TaskInstance::new`): no files, environment, arguments or sockets.
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)

@@ -1,6 +1,11 @@
-//! What one task instance may use.
+//! What one task instance may use, and the limiter that holds its memory to it.
 
 use std::time::Duration;
+
+use wasmtime::ResourceLimiter;
+
+/// The most elements a task's table may grow to.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 /// Limits for one task instance. Every limit is enforced by the host, never trusted to the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,5 +57,47 @@ impl Default for Limits {
             metric_names: 256,
             fuel_per_batch: None,
         }
+    }
+}
+
+/// Traps any growth of an instance's linear memory past its limit, and of its tables past
+/// [`MAX_TABLE_ELEMENTS`].
+#[derive(Debug)]
+pub(crate) struct MemoryLimiter {
+    limit: usize,
+    /// Whether a growth was refused: the trap that follows is the memory limit's.
+    pub(crate) hit: bool,
+}
+
+impl MemoryLimiter {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self { limit, hit: false }
+    }
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.hit = true;
+            wasmtime::bail!(
+                "memory would grow to {desired} bytes, over the {}-byte limit",
+                self.limit
+            );
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }
