@@ -309,3 +309,148 @@ fn a_log_flood_is_cut_to_the_rate_limit() {
         assert_eq!(instance.stats().log_lines_dropped, 10_000 - 100 + 1_000);
     });
 }
+
+/// The `peak memory N MiB` that `replay` reports.
+fn peak_mib(stderr: &str) -> u64 {
+    stderr
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("replay: ")?
+                .split("; peak memory ")
+                .nth(1)?
+                .strip_suffix(" MiB")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no peak memory in the summary:\n{stderr}"))
+}
+
+#[test]
+fn a_metric_name_bomb_and_every_other_import_make_the_host_hold_only_what_is_documented() {
+    // The same task twice over the same records, holding the same 32 MiB of its own memory:
+    // once quiet, once handing that buffer to every import (four 32 MiB metric names and 300
+    // more names per call, a 32 MiB log line, state key, value, output name and partition key,
+    // and every second call a 32 MiB error message). Whatever the host holds for the second
+    // beyond the first is what a task can make the host hold beyond its cap: the README says at
+    // most one copy of a failed call's message (here 32 MiB) and the small limits set here.
+    let records: String =
+        (0..20).map(|i| format!("{{\"partition_key\":\"k{i}\",\"text\":\"r{i}\"}}\n")).collect();
+    let (_d, input) = common::file_with("r.jsonl", records.as_bytes());
+    let run_mode = |mode: &str| {
+        let (_c, config) = common::file_with(
+            "job.properties",
+            format!(
+                "task.batch.max.records=2\ntask.limits.memory.bytes={}\ntask.config.mb=32\n\
+                 task.config.mode={mode}\ntask.limits.emit.bytes.per.batch=1048576\n\
+                 task.limits.state.total.bytes=1048576\ntask.retry.backoff.initial.ms=1\n\
+                 task.retry.backoff.max.ms=1\n",
+                80 << 20
+            )
+            .as_bytes(),
+        );
+        let (out, stdout, stderr) = run(&mut replay("import-bomb-task", &input, &config));
+        assert!(out.status.success(), "{mode}: {stderr}");
+        (stdout, stderr)
+    };
+    let (quiet_out, quiet_log) = run_mode("quiet");
+    let (bomb_out, bomb_log) = run_mode("bomb");
+    assert_eq!(quiet_out.lines().count(), 20, "{quiet_out}");
+    assert_eq!(bomb_out, quiet_out, "every record echoed exactly once in both modes");
+    assert!(bomb_log.contains("Task metric ignored: a metric name must be 1 to 64"), "{bomb_log}");
+    assert!(bomb_log.contains("9 retries"), "every second call failed: {bomb_log}");
+    let (quiet, bomb) = (peak_mib(&quiet_log), peak_mib(&bomb_log));
+    assert!(
+        bomb <= quiet + 32 + 16,
+        "the bomb made the host hold {} MiB more than the quiet run ({quiet} MiB)",
+        bomb.saturating_sub(quiet)
+    );
+}
+
+#[test]
+fn an_instance_keeps_at_most_its_metric_names_and_holds_little_between_calls() {
+    let rt = runtime();
+    let bomb = rt.load(&guest("import-bomb-task")).expect("import-bomb-task loads");
+    let limits = Limits { memory_bytes: 40 << 20, metric_names: 100, ..Limits::default() };
+    let spec = Arc::new(InstanceSpec {
+        job: "test".into(),
+        stream: "s".into(),
+        shard_id: "shardId-000000000000".into(),
+        outputs: Outputs::Only(["out".to_owned()].into()),
+        config: vec![("mode".into(), "bomb".into()), ("mb".into(), "4".into())],
+        limits,
+    });
+    let mut instance = TaskInstance::new(&bomb, spec).expect("instance");
+    let mut batch = Batch::new("s", "shardId-000000000000", 10, 1 << 20);
+    batch.push(&RecordRef {
+        data: b"x",
+        partition_key: "k",
+        sequence_number: "1",
+        sub_sequence_number: 0,
+        explicit_hash_key: None,
+        approximate_arrival_millis: 0,
+    });
+    let mut state = ShardState::default();
+    let mut names = std::collections::BTreeSet::new();
+    for call in 1..=5 {
+        let result = instance.process(&batch, &mut state);
+        assert_eq!(result.is_err(), call % 2 == 0, "call {call}: {result:?}");
+        if let Err(CallError::Task { message, .. }) = &result {
+            assert!(message.len() < (8 << 10) + 64, "the message is cut: {}", message.len());
+            assert!(
+                message.ends_with("(cut: 4194304 bytes in all)"),
+                "{}",
+                &message[message.len() - 40..]
+            );
+        }
+        names.extend(instance.take_metric_changes().into_iter().map(|(name, _)| name.to_string()));
+        assert!(instance.metrics().len() <= 100, "{}", instance.metrics().len());
+        assert!(
+            instance.host_bytes() < 256 << 10,
+            "{} bytes held between calls",
+            instance.host_bytes()
+        );
+        assert!(state.is_empty(), "the 4 MiB key and value were refused");
+    }
+    assert_eq!(names.len(), 100, "the first 100 valid names, and nothing else");
+    assert!(names.iter().all(|n| n.len() < 16), "{names:?}");
+    let stats = instance.stats();
+    // Per call: four 4 MiB names, 200 names over the limit, a histogram of NaN.
+    assert_eq!(stats.metrics_refused, 5 * (4 + 200 + 1), "{stats:?}");
+    assert!(stats.emits_refused >= 10 && stats.state_writes_refused >= 10, "{stats:?}");
+}
+
+#[test]
+fn a_task_cannot_forge_host_log_lines() {
+    let (_d, input) = common::file_with("r.jsonl", b"{\"partition_key\":\"k\",\"text\":\"a\"}\n");
+    let (_c, config) = common::file_with("job.properties", b"task.retry.backoff.initial.ms=1\n");
+    let (out, stdout, stderr) = run(kinesis_host()
+        .args(["replay", "--log", "info"])
+        .arg(guest("forge-log-task"))
+        .arg("--input")
+        .arg(&input)
+        .arg("--config")
+        .arg(&config));
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.lines().count(), 1, "the record echoed once: {stdout}");
+    // Every line of the log is the host's: its own time stamp and level, never the task's.
+    for line in stderr.lines() {
+        assert!(!line.starts_with("2026-12-04T00:00:00.000000Z"), "a forged line:\n{stderr}");
+        assert!(!line.contains(['\r', '\u{1b}', '\u{202e}']), "a raw control character: {line:?}");
+    }
+    // Each way in was tried, and shows escaped: the task's log line, the refused state key and
+    // metric name, the retried error's message (stdout and stderr lines are split at their line
+    // breaks, each a tagged line of its own).
+    let escaped = "\\n2026-12-04T00:00:00.000000Z ERROR kinesis_host: FORGED";
+    for (what, prefix) in [
+        ("log line", "ERROR log"),
+        ("state key", "key=key"),
+        ("metric name", "metric=metric"),
+        ("error message", "Retryable error: error"),
+    ] {
+        assert!(stderr.contains(&format!("{prefix}{escaped}")), "{what} not escaped:\n{stderr}");
+    }
+    assert!(stderr.contains("FORGED all jobs stopped\\r\\u{1b}[2K\\u{202e}"), "{stderr}");
+    for source in ["stdout", "stderr"] {
+        assert!(stderr.contains(&format!("source=\"{source}\"")), "{stderr}");
+    }
+}

@@ -761,6 +761,23 @@ fn metrics_address_serves_prometheus_metrics_health_and_readiness() {
         "{exposition}"
     );
     assert!(!exposition.contains("kinesis_host_task_errors_total"), "{exposition}");
+    // The task's own metrics, per shard, its metric name as a label: echo-task counts what it
+    // echoed (and nothing was delivered twice here) and records each batch's size.
+    let echoed: f64 = common::samples(
+        &exposition,
+        "kinesis_task_counter_total",
+        &[("job", "metrics"), ("stream", input), ("name", "echoed")],
+    )
+    .sum();
+    assert_eq!(echoed, sent.len() as f64, "{exposition}");
+    let batches: f64 = common::samples(
+        &exposition,
+        "kinesis_task_histogram_count",
+        &[("job", "metrics"), ("name", "batch_records")],
+    )
+    .sum();
+    assert!(batches >= 2.0, "a batch per shard at least:\n{exposition}");
+    assert!(exposition.contains("# TYPE kinesis_task_histogram histogram\n"), "{exposition}");
 
     let (status, _, body) = http_get(&address, "/readyz");
     assert_eq!((status, body.as_str()), (200, "ready\n"));

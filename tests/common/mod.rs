@@ -19,6 +19,8 @@ const GUESTS: &[&str] = &[
     "emit-flood-task",
     "sneaky-task",
     "log-flood-task",
+    "import-bomb-task",
+    "forge-log-task",
     "partial-task",
     "policy-task",
     "not-a-task",

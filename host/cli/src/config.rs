@@ -162,15 +162,21 @@ impl Default for JobConfig {
     }
 }
 
-/// Reads a Java-properties file into a sorted map.
+/// The largest job.properties read.
+pub const MAX_PROPERTIES_BYTES: u64 = 1 << 20;
+
+/// Reads a Java-properties file (a regular file of at most [`MAX_PROPERTIES_BYTES`]) into a
+/// sorted map.
 ///
 /// # Errors
 /// When the file cannot be read or is not valid properties syntax (with the line).
 pub fn read_properties(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
-    let file = std::fs::File::open(path)
+    let bytes = kinesis_host_runtime::read_regular_file(path, MAX_PROPERTIES_BYTES)
         .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    let props = java_properties::read(std::io::BufReader::new(file)).map_err(|e| {
-        ConfigError::Syntax { path: path.to_owned(), line: e.line_number(), message: e.to_string() }
+    let props = java_properties::read(bytes.as_slice()).map_err(|e| ConfigError::Syntax {
+        path: path.to_owned(),
+        line: e.line_number(),
+        message: e.to_string(),
     })?;
     Ok(props.into_iter().collect())
 }
@@ -212,16 +218,7 @@ impl JobConfig {
     /// # Errors
     /// A [`ConfigError`] naming the file, the key and the problem.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let file = std::fs::File::open(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let props = java_properties::read(std::io::BufReader::new(file)).map_err(|e| {
-            ConfigError::Syntax {
-                path: path.to_owned(),
-                line: e.line_number(),
-                message: e.to_string(),
-            }
-        })?;
-        Self::from_properties(path, &props.into_iter().collect())
+        Self::from_properties(path, &read_properties(path)?)
     }
 
     /// Validates parsed properties; `path` is only used in messages.

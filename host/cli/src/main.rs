@@ -127,7 +127,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {}", error_chain(&error));
+            // Errors can quote what files and tasks hold: never a control character as is.
+            eprintln!("error: {}", kinesis_host_runtime::escape_control(&error_chain(&error)));
             ExitCode::FAILURE
         }
     }
@@ -156,11 +157,29 @@ fn init_tracing(filter: &str) {
         .add_directive("wasmtime=warn".parse().unwrap_or_default())
         .add_directive("cranelift=warn".parse().unwrap_or_default());
     tracing_subscriber::fmt()
+        .fmt_fields(escaping_fields())
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+}
+
+/// Formats an event's fields as tracing's default does (the message, then `name=value` with
+/// values in `Debug` form), but with every control character escaped: a value can hold text a
+/// task, a record or a file chose, which must never end the line or start one that looks like
+/// the host's.
+fn escaping_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
+    use tracing_subscriber::field::MakeExt as _;
+    tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
+        let text = format!("{value:?}");
+        let text = kinesis_host_runtime::escape_control(&text);
+        match field.name() {
+            "message" => write!(writer, "{text}"),
+            name => write!(writer, "{}={text}", name.strip_prefix("r#").unwrap_or(name)),
+        }
+    })
+    .delimited(" ")
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -339,8 +358,11 @@ fn replay(runtime: &Runtime, args: ReplayArgs) -> anyhow::Result<ExitCode> {
         .context("cannot write the emitted records")?;
     drop(out);
     let s = summary.stats;
+    let peak = replay::peak_resident_bytes()
+        .map(|b| format!("; peak memory {} MiB", b.div_ceil(1 << 20)))
+        .unwrap_or_default();
     eprintln!(
-        "replay: {} records in {} batches from {} shards; {} emitted; {} poison records, {} retries, {} traps; {} shards failed; {:.1} ms",
+        "replay: {} records in {} batches from {} shards; {} emitted; {} poison records, {} retries, {} traps; {} shards failed; {:.1} ms{peak}",
         s.records,
         s.batches,
         summary.shards,
@@ -352,7 +374,7 @@ fn replay(runtime: &Runtime, args: ReplayArgs) -> anyhow::Result<ExitCode> {
         summary.elapsed.as_secs_f64() * 1000.0,
     );
     for failure in &summary.failed {
-        eprintln!("error: {failure}");
+        eprintln!("error: {}", kinesis_host_runtime::escape_control(&failure.to_string()));
     }
     Ok(if summary.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

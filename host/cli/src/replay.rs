@@ -1,14 +1,18 @@
 //! `kinesis-host replay`: runs a task over records from a JSON Lines file, with no AWS.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use kinesis_host_runtime::{Batch, BatchOutput, Clock, InstanceSpec, RecordRef, TaskComponent};
+use kinesis_host_coordinator::checkpoint::Checkpoint;
+use kinesis_host_runtime::{
+    Batch, BatchOutput, Clock, InstanceSpec, RecordRef, TaskComponent, explicit_hash_key_problem,
+    partition_key_problem,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::config::JobConfig;
@@ -107,19 +111,40 @@ pub fn read_input(
 ) -> Result<Vec<ShardInput>, InputError> {
     let file = std::fs::File::open(path)
         .map_err(|source| InputError::Read { path: path.to_owned(), source })?;
+    let mut reader = BufReader::new(file);
+    // The longest line a record of `max_record_bytes` can take (its data as JSON text with every
+    // byte escaped, and its other fields), so that a file with no line breaks (or a device)
+    // cannot make replay read without end.
+    let max_line = max_record_bytes.saturating_mul(6).saturating_add(64 << 10);
     let mut shards: Vec<ShardInput> = Vec::new();
     let mut index: HashMap<(String, String), usize> = HashMap::new();
     let mut next_sequence: HashMap<usize, u64> = HashMap::new();
-    for (n, line) in BufReader::new(file).lines().enumerate() {
-        let number = n + 1;
-        let line = line.map_err(|source| InputError::Read { path: path.to_owned(), source })?;
-        if line.trim().is_empty() {
-            continue;
+    // Per shard, the last record's position and line, which the next one must come after.
+    let mut last: HashMap<usize, (Checkpoint, usize)> = HashMap::new();
+    let mut buffer = Vec::new();
+    for number in 1.. {
+        buffer.clear();
+        let read = (&mut reader)
+            .take(max_line as u64 + 1)
+            .read_until(b'\n', &mut buffer)
+            .map_err(|source| InputError::Read { path: path.to_owned(), source })?;
+        if read == 0 {
+            break;
         }
         let bad =
             |problem: String| InputError::Line { path: path.to_owned(), line: number, problem };
+        if buffer.len() > max_line {
+            return Err(bad(format!(
+                "the line is longer than {max_line} bytes, more than a record of task.record.max.bytes={max_record_bytes} takes; the input must be JSON Lines, one record per line"
+            )));
+        }
+        let line = std::str::from_utf8(&buffer)
+            .map_err(|e| bad(format!("the line is not UTF-8 text: {e}")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
         let parsed: InputLine =
-            serde_json::from_str(&line).map_err(|e| bad(format!("not a record: {e}")))?;
+            serde_json::from_str(line).map_err(|e| bad(format!("not a record: {e}")))?;
         let data = match (parsed.data, parsed.text) {
             (Some(b64), None) => BASE64
                 .decode(b64.trim())
@@ -140,18 +165,13 @@ pub fn read_input(
                 data.len()
             )));
         }
-        let key_chars = parsed.partition_key.chars().count();
-        if key_chars == 0 || key_chars > 256 {
-            return Err(bad(format!(
-                "partition_key has {key_chars} characters; Kinesis takes 1 to 256"
-            )));
+        if let Some(problem) = partition_key_problem(&parsed.partition_key) {
+            return Err(bad(format!("partition_key: {problem}")));
         }
-        if let Some(key) = &parsed.explicit_hash_key
-            && key.parse::<u128>().is_err()
+        if let Some(problem) =
+            parsed.explicit_hash_key.as_deref().and_then(explicit_hash_key_problem)
         {
-            return Err(bad(format!(
-                "explicit_hash_key {key:?} is not a decimal number below 2^128"
-            )));
+            return Err(bad(format!("explicit_hash_key: {problem}")));
         }
         let stream = parsed.stream.unwrap_or_else(|| default_stream.to_owned());
         let shard_id = parsed.shard_id.unwrap_or_else(|| DEFAULT_SHARD.to_owned());
@@ -171,16 +191,55 @@ pub fn read_input(
                 format!("{:056}", *n)
             }
         };
+        let sub_sequence_number = parsed.sub_sequence_number.unwrap_or(0);
+        // Kinesis numbers a shard's records in increasing order (the user records of a KPL
+        // aggregate share its number and count up their sub-sequence numbers); the host relies
+        // on it, as checkpoints do.
+        let position = Checkpoint::after(&sequence_number, sub_sequence_number);
+        if let Some((previous, previous_line)) = last.get(&slot)
+            && position <= *previous
+        {
+            return Err(bad(format!(
+                "sequence_number {sequence_number} (sub_sequence_number {sub_sequence_number}) does not come after the one on line {previous_line} ({} sub {}) in shard {} of stream {}: a shard's records must be in increasing order; sort them, or leave sequence_number out to have them numbered",
+                previous.as_str(),
+                previous.sub_sequence_number(),
+                shards[slot].shard_id,
+                shards[slot].stream,
+            )));
+        }
+        last.insert(slot, (position, number));
         shards[slot].records.push(InputRecord {
             data,
             partition_key: parsed.partition_key,
             sequence_number,
-            sub_sequence_number: parsed.sub_sequence_number.unwrap_or(0),
+            sub_sequence_number,
             explicit_hash_key: parsed.explicit_hash_key,
             arrival_millis: parsed.arrival_millis.unwrap_or(now_millis),
         });
     }
     Ok(shards)
+}
+
+/// The most memory this process has had resident so far (its peak RSS), in bytes, when the
+/// system says.
+pub fn peak_resident_bytes() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: `usage` is a valid place for getrusage to write a `rusage` into.
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } != 0 {
+            return None;
+        }
+        // SAFETY: getrusage succeeded and filled it in.
+        let max = unsafe { usage.assume_init() }.ru_maxrss;
+        let max = u64::try_from(max).ok()?;
+        // Linux counts KiB, macOS bytes.
+        Some(if cfg!(target_os = "macos") { max } else { max * 1024 })
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
 }
 
 /// One emitted record, as written to the output.

@@ -244,7 +244,8 @@ impl Digests {
         }
         let read_at = SystemTime::now();
         let mut hasher = DefaultHasher::new();
-        std::fs::read(path)?.hash(&mut hasher);
+        kinesis_host_runtime::read_regular_file(path, kinesis_host_runtime::MAX_COMPONENT_BYTES)?
+            .hash(&mut hasher);
         let digest = hasher.finish();
         // The stamp taken before reading: a write during the read changes it, so the next scan
         // reads the file again.
@@ -651,7 +652,9 @@ fn read_job_files(
             .join(", "),
     })?;
     let mut hasher = DefaultHasher::new();
-    std::fs::read(&properties).map_err(|e| read_err(&properties, e))?.hash(&mut hasher);
+    kinesis_host_runtime::read_regular_file(&properties, crate::config::MAX_PROPERTIES_BYTES)
+        .map_err(|e| read_err(&properties, e))?
+        .hash(&mut hasher);
     digests.digest(&wasm).map_err(|e| read_err(&wasm, e))?.hash(&mut hasher);
     wasm.file_name().hash(&mut hasher);
     Ok(JobFiles { properties, wasm, fingerprint: hasher.finish() })

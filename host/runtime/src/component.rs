@@ -49,7 +49,7 @@ impl std::fmt::Debug for TaskComponent {
 
 impl TaskComponent {
     pub(crate) fn load(runtime: Arc<RuntimeInner>, path: &Path) -> Result<Self, LoadError> {
-        let bytes = std::fs::read(path)
+        let bytes = crate::files::read_regular_file(path, crate::files::MAX_COMPONENT_BYTES)
             .map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
         check_header(path, &bytes)?;
         let (component, from_cache) = compile_cached(&runtime, path, &bytes)?;

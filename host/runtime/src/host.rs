@@ -325,38 +325,46 @@ fn shown(text: &str) -> String {
     if cut.len() < text.len() { format!("{head}…") } else { head.into_owned() }
 }
 
-/// Kinesis's rule for a partition key: 1 to 256 characters, counted as UTF-16 code units (a
-/// character outside the Basic Multilingual Plane counts twice).
-fn check_partition_key(key: &str) -> Result<(), output::EmitError> {
+/// What is wrong with `key` as a Kinesis partition key, if anything: Kinesis takes 1 to 256
+/// characters, counted as UTF-16 code units (a character outside the Basic Multilingual Plane
+/// counts twice).
+pub fn partition_key_problem(key: &str) -> Option<String> {
     // A UTF-16 unit takes at most 3 bytes of UTF-8, so a longer key is too long uncounted.
     let units = (key.len() <= 3 * MAX_PARTITION_KEY_CHARS).then(|| key.encode_utf16().count());
     match units {
-        Some(1..=MAX_PARTITION_KEY_CHARS) => Ok(()),
-        Some(0) => Err(output::EmitError::InvalidKey(format!(
+        Some(1..=MAX_PARTITION_KEY_CHARS) => None,
+        Some(0) => Some(format!(
             "the partition key is empty; Kinesis takes 1 to {MAX_PARTITION_KEY_CHARS} characters"
-        ))),
-        _ => Err(output::EmitError::InvalidKey(format!(
+        )),
+        _ => Some(format!(
             "the partition key is {} characters long as Kinesis counts them (UTF-16 code units); Kinesis takes 1 to {MAX_PARTITION_KEY_CHARS}",
             units.map_or_else(|| format!("more than {MAX_PARTITION_KEY_CHARS}"), |n| n.to_string())
-        ))),
+        )),
     }
 }
 
-/// Kinesis's rule for an explicit hash key: a decimal number from 0 to 2^128 - 1, written
-/// without sign or leading zeros (`0|([1-9]\d{0,38})`).
-fn check_explicit_hash_key(hash: &str) -> Result<(), output::EmitError> {
+/// What is wrong with `hash` as an explicit hash key, if anything: Kinesis takes a decimal
+/// number from 0 to 2^128 - 1, written without sign or leading zeros (`0|([1-9]\d{0,38})`).
+pub fn explicit_hash_key_problem(hash: &str) -> Option<String> {
     let canonical = hash == "0"
         || (hash.len() <= 39
             && hash.bytes().all(|b| b.is_ascii_digit())
             && !hash.starts_with('0')
             && hash.parse::<u128>().is_ok());
-    if canonical {
-        return Ok(());
-    }
-    Err(output::EmitError::InvalidKey(format!(
-        "explicit hash key {:?} is not a decimal number from 0 to 2^128 - 1 without sign or leading zeros",
-        truncate(hash, SHOWN_BYTES)
-    )))
+    (!canonical).then(|| {
+        format!(
+            "explicit hash key {:?} is not a decimal number from 0 to 2^128 - 1 without sign or leading zeros",
+            truncate(hash, SHOWN_BYTES)
+        )
+    })
+}
+
+fn check_partition_key(key: &str) -> Result<(), output::EmitError> {
+    partition_key_problem(key).map_or(Ok(()), |p| Err(output::EmitError::InvalidKey(p)))
+}
+
+fn check_explicit_hash_key(hash: &str) -> Result<(), output::EmitError> {
+    explicit_hash_key_problem(hash).map_or(Ok(()), |p| Err(output::EmitError::InvalidKey(p)))
 }
 
 /// From a guest's stderr lines, the panic location and message when Rust panicked (std prints

@@ -51,6 +51,7 @@ mod bindings;
 mod clock;
 mod component;
 mod error;
+mod files;
 mod guest_io;
 mod host;
 mod instance;
@@ -71,8 +72,11 @@ pub use batch::{Batch, RecordRef};
 pub use clock::{Clock, SystemClock};
 pub use component::{ComponentReport, TASK_FUNCTIONS, TASK_INTERFACE, TaskComponent};
 pub use error::{BoxError, CallError, LoadError, SetupError, TaskErrorKind, TrapKind};
+pub use files::{MAX_COMPONENT_BYTES, read_regular_file};
 pub use guest_io::LogLevel;
-pub use host::{MAX_PARTITION_KEY_CHARS, MAX_RECORD_BYTES};
+pub use host::{
+    MAX_PARTITION_KEY_CHARS, MAX_RECORD_BYTES, explicit_hash_key_problem, partition_key_problem,
+};
 pub use instance::{
     BatchOutput, Emit, InstanceSpec, InstanceStats, Outputs, ShardState, TaskInstance,
 };

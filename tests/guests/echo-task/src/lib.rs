@@ -6,8 +6,11 @@
 //!   naming that record;
 //! - `task.config.leading=N` finishes only the first N records of each batch (a partial result),
 //!   so the host must deliver the rest again.
+//!
+//! It counts the records it echoes in the task metric `echoed` (a counter) and records each
+//! batch's size in the histogram `batch_records`.
 
-use kinesis_task::{Batch, Config, Done, Task, TaskError, emit};
+use kinesis_task::{Batch, Config, Done, Task, TaskError, emit, metrics};
 
 /// Echoes every record to `out`.
 #[derive(Debug)]
@@ -23,13 +26,17 @@ impl Task for Echo {
 
     fn process(&mut self, batch: &Batch<'_>) -> Result<Done, TaskError> {
         let take = self.leading.unwrap_or(usize::MAX);
+        let mut echoed = 0;
         for record in batch.iter().take(take) {
             if record.data() == b"poison" {
                 return Err(TaskError::poison(record.index(), "this record is poison"));
             }
             emit("out", record.partition_key(), record.data())
                 .map_err(|e| TaskError::fatal(e.to_string()))?;
+            echoed += 1;
         }
+        metrics::counter("echoed", echoed);
+        metrics::histogram("batch_records", batch.len() as f64);
         Ok(self.leading.map_or(Done::All, Done::Leading))
     }
 }
