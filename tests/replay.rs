@@ -231,7 +231,10 @@ fn a_missing_task_file_is_named() {
 
 #[test]
 fn bad_jsonl_lines_are_reported_with_their_line_number() {
-    let cases: [(&str, &str); 6] = [
+    // 129 characters outside the Basic Multilingual Plane: 258 as Kinesis counts them.
+    let emoji_key =
+        format!("{{\"partition_key\":\"{}\",\"text\":\"a\"}}\n", "\u{1F600}".repeat(129));
+    let cases: [(&str, &str); 10] = [
         (
             "{\"partition_key\":\"k\",\"text\":\"ok\"}\nnot json\n",
             ":2: not a record: expected ident at line 1 column 2",
@@ -247,7 +250,31 @@ fn bad_jsonl_lines_are_reported_with_their_line_number() {
         ),
         (
             "{\"partition_key\":\"\",\"text\":\"a\"}\n",
-            ":1: partition_key has 0 characters; Kinesis takes 1 to 256",
+            ":1: partition_key: the partition key is empty; Kinesis takes 1 to 256 characters",
+        ),
+        (
+            &emoji_key,
+            ":1: partition_key: the partition key is 258 characters long as Kinesis counts them \
+             (UTF-16 code units); Kinesis takes 1 to 256",
+        ),
+        (
+            "{\"partition_key\":\"k\",\"text\":\"a\",\"explicit_hash_key\":\"007\"}\n",
+            ":1: explicit_hash_key: explicit hash key \"007\" is not a decimal number from 0 to \
+             2^128 - 1 without sign or leading zeros",
+        ),
+        (
+            "{\"partition_key\":\"k\",\"text\":\"a\",\"sequence_number\":\"20\"}\n\
+             {\"partition_key\":\"k\",\"text\":\"b\",\"sequence_number\":\"10\"}\n",
+            ":2: sequence_number 10 (sub_sequence_number 0) does not come after the one on line 1 \
+             (20 sub 0) in shard shardId-000000000000 of stream records: a shard's records must be \
+             in increasing order; sort them, or leave sequence_number out to have them numbered",
+        ),
+        (
+            // The same record twice; another shard may reuse the number.
+            "{\"partition_key\":\"k\",\"text\":\"a\",\"sequence_number\":\"7\"}\n\
+             {\"partition_key\":\"k\",\"text\":\"a\",\"sequence_number\":\"7\",\"shard_id\":\"s2\"}\n\
+             {\"partition_key\":\"k\",\"text\":\"a\",\"sequence_number\":\"007\"}\n",
+            ":3: sequence_number 007 (sub_sequence_number 0) does not come after the one on line 1",
         ),
         (
             "{\"partition_key\":\"k\",\"text\":\"a\",\"colour\":1}\n",
@@ -259,6 +286,68 @@ fn bad_jsonl_lines_are_reported_with_their_line_number() {
         let err = replay_error(&guest("echo-task"), &path, None);
         assert!(err.contains(&format!("records.jsonl{expected}")), "{err}\nexpected: {expected}");
     }
+}
+
+#[test]
+fn a_line_longer_than_any_record_is_refused_without_reading_on() {
+    // No line break at all: replay stops reading past the longest line a record can take.
+    let input = format!("{{\"partition_key\":\"k\",\"text\":\"{}", "x".repeat(200 << 10));
+    let (_d, path) = file_with("records.jsonl", input.as_bytes());
+    let (_c, config) = file_with("job.properties", b"task.record.max.bytes=1024\n");
+    let err = replay_error(&guest("echo-task"), &path, Some(&config));
+    assert!(
+        err.ends_with("records.jsonl:1: the line is longer than 71680 bytes, more than a record of task.record.max.bytes=1024 takes; the input must be JSON Lines, one record per line"),
+        "{err}"
+    );
+}
+
+/// Runs `cmd`, killing it if it has not exited within 60 s (a guard against a hang, not a timing
+/// assertion): its status, stdout and stderr.
+fn run_bounded(cmd: &mut std::process::Command) -> (std::process::ExitStatus, String) {
+    use std::process::Stdio;
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("runs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{cmd:?} did not exit within 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    (status, stderr)
+}
+
+#[test]
+fn check_refuses_devices_and_fifos_at_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let zero = dir.path().join("task.wasm");
+    std::os::unix::fs::symlink("/dev/zero", &zero).expect("symlink");
+    let fifo = dir.path().join("fifo.wasm");
+    let c_path = std::ffi::CString::new(fifo.to_string_lossy().as_bytes()).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+    for (path, kind) in [(&zero, "a character device"), (&fifo, "a FIFO (named pipe)")] {
+        let (status, stderr) = run_bounded(kinesis_host().arg("check").arg(path));
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "error: cannot read task component {}: it is {kind}, not a regular file",
+                path.display()
+            )),
+            "{stderr}"
+        );
+    }
+    // The same for the job's settings.
+    let (status, stderr) =
+        run_bounded(kinesis_host().arg("check").arg(guest("echo-task")).arg("--config").arg(&fifo));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("it is a FIFO (named pipe), not a regular file"), "{stderr}");
 }
 
 #[test]

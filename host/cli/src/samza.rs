@@ -852,7 +852,7 @@ impl<'a> Parser<'a> {
                 let table = format!("{job_name}-{job_id}-{}", scope.stream);
                 if table_name(&table).is_err() {
                     return Err(self.invalid(
-                        "job.name",
+                        culprit(job_name, job_id),
                         format!(
                             "the default lease table name of input {}.{}, {table}, is not a \
                              DynamoDB table name ({TABLE_RULE}); change job.name or job.id, or \
@@ -943,7 +943,7 @@ impl<'a> Parser<'a> {
                 let name = format!("{job_name}-{job_id}");
                 consumer_name(&name).map_err(|problem| {
                     self.invalid(
-                        "job.name",
+                        culprit(job_name, job_id),
                         format!(
                             "the default enhanced fan-out consumer name of input {}.{}, {name}, is \
                              not valid ({problem}); change job.name or job.id, or set {}",
@@ -1106,6 +1106,16 @@ fn proxy_host(raw: &str) -> Result<String, String> {
         Err("expected a host name or IP address, with no scheme or port (the port goes in \
              ProxyPort)"
             .to_owned())
+    }
+}
+
+/// Which of `job.name` and `job.id` to blame for a default name (of a lease table or consumer)
+/// that is not valid: the one with a character no AWS name takes, else `job.name` (too long).
+fn culprit(job_name: &str, job_id: &str) -> &'static str {
+    if !job_id.chars().all(is_name_char) && job_name.chars().all(is_name_char) {
+        "job.id"
+    } else {
+        "job.name"
     }
 }
 
@@ -1739,6 +1749,14 @@ mod tests {
                 "job.name=my job is not valid: the default lease table name of input \
                  kinesis.clicks, my job-1-clicks, is not a DynamoDB table name (3 to 255 letters, \
                  digits, '_', '-' or '.'); change job.name or job.id, or set \
+                 systems.kinesis.streams.clicks.aws.kcl.TableName"
+                    .to_owned(),
+            ),
+            (
+                &[("job.id", "1/2")],
+                "job.id=1/2 is not valid: the default lease table name of input \
+                 kinesis.clicks, clicks-job-1/2-clicks, is not a DynamoDB table name (3 to 255 \
+                 letters, digits, '_', '-' or '.'); change job.name or job.id, or set \
                  systems.kinesis.streams.clicks.aws.kcl.TableName"
                     .to_owned(),
             ),
