@@ -449,3 +449,132 @@ fn a_fatal_error_stops_the_shard_and_is_not_dead_lettered() {
     assert!(read_all(&c, dlq).is_empty(), "a fatal error dead-letters nothing");
     assert_eq!(checkpoint(&c, table).as_ref(), Some(&seqs[0]));
 }
+
+#[test]
+fn emits_that_kinesis_would_refuse_are_refused_to_the_task_and_the_others_delivered() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("pol-badkey-in", "pol-badkey-out");
+    create_streams(&c, &[(input, 1), (output, 1)]);
+    // The emulator refuses both, as Kinesis does: the host must never send them.
+    let rt = rt();
+    let refused = |key: String, hash: Option<&str>| {
+        let entry = aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
+            .data(aws_sdk_kinesis::primitives::Blob::new(b"x".to_vec()))
+            .partition_key(key)
+            .set_explicit_hash_key(hash.map(str::to_owned))
+            .build()
+            .expect("an entry");
+        let sent = rt.block_on(c.kinesis.put_records().stream_name(output).records(entry).send());
+        sent.map_err(|e| format!("{:?}", e.into_service_error())).expect_err("refused")
+    };
+    let error = refused("\u{1F600}".repeat(256), None);
+    assert!(error.contains("Partition key must be between 1 and 256"), "{error}");
+    let error = refused("k".into(), Some("0042"));
+    assert!(error.contains("InvalidArgumentException"), "{error}");
+
+    let sent = records(&["a", "bad-key-1", "b", "bad-hash-2", "c"]);
+    put(&c, input, &sent);
+    let config = config(dir.path(), "badkey", input, output, None, "");
+    let log = dir.path().join("host.log");
+    let host = Host::start_with("policy-task", &config, &log, &[]);
+    wait_for_records(&c, output, sent.len(), &log);
+    host.stop_cleanly(&log);
+    assert_eq!(data(&c, output), ["a", "refused:bad-key-1", "b", "refused:bad-hash-2", "c"]);
+    assert!(!log_text(&log).contains("PutRecords failed"), "{}", log_text(&log));
+}
+
+/// A fault proxy in front of the output stream that refuses, as Kinesis refuses an invalid
+/// record, every `PutRecords` request holding the data `refuse-me` (base64 `cmVmdXNlLW1l`).
+fn refusing_proxy() -> faults::FaultProxy {
+    let e = emulators::emulators();
+    faults::FaultProxy::start(
+        &e.kinesis_endpoint,
+        vec![faults::Rule {
+            target_suffix: "PutRecords",
+            every: 1,
+            fault: faults::Fault::Invalid,
+            limit: None,
+            body_contains: Some("cmVmdXNlLW1l"),
+        }],
+    )
+}
+
+#[path = "common/faults.rs"]
+mod faults;
+#[path = "common/http_proxy.rs"]
+mod http_proxy;
+
+#[test]
+fn a_record_an_output_refuses_is_dead_lettered_and_the_rest_of_its_request_delivered() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output, dlq) = ("pol-refused-in", "pol-refused-out", "pol-refused-dlq");
+    create_streams(&c, &[(input, 1), (output, 1), (dlq, 1)]);
+    let proxy = refusing_proxy();
+    let sent = records(&["a", "b", "refuse-me", "c", "d"]);
+    put(&c, input, &sent);
+    let address = free_address();
+    let extra = format!(
+        "systems.kinesis.streams.{output}.aws.kinesis.endpoint={}\nmetrics.address={address}\n",
+        proxy.endpoint()
+    );
+    let config = config(dir.path(), "refused", input, output, Some(dlq), &extra);
+    let log = dir.path().join("host.log");
+    let host = Host::start_with("policy-task", &config, &log, &[]);
+    wait_for_total(&c, output, dlq, sent.len(), &log);
+    let labels = [("stream", input), ("output", "out")];
+    let counted =
+        wait_for_metric(&address, "kinesis_host_output_refused_records_total", &labels, 1.0);
+    host.stop_cleanly(&log);
+
+    assert_eq!(data(&c, output), ["a", "b", "c", "d"], "log:\n{}", log_text(&log));
+    assert!(proxy.injected("PutRecords") >= 2, "the request and the halves holding the record");
+    let dead = envelopes(&c, dlq);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let e = &dead[0];
+    assert_eq!(e["reason"], "output_refused", "{e}");
+    assert_eq!(e["error"]["kind"], "output_refused", "{e}");
+    assert!(e["error"]["message"].as_str().is_some_and(|m| m.contains("InvalidArgumentException")));
+    assert_eq!(e["output"], serde_json::json!({"name": "out", "stream": output}), "{e}");
+    assert_eq!(
+        e["source"],
+        serde_json::json!({"stream": input, "shard_id": "shardId-000000000000"})
+    );
+    assert_eq!(e["record"]["partition_key"], "key-0", "{e}");
+    assert_eq!(data_of(e), "refuse-me");
+    assert_eq!(counted, 1.0);
+}
+
+#[test]
+fn without_a_dead_letter_output_a_refused_record_stops_the_shard_after_sending_the_others() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("pol-refused-nodlq-in", "pol-refused-nodlq-out");
+    create_streams(&c, &[(input, 1), (output, 1)]);
+    let proxy = refusing_proxy();
+    let sent = records(&["a", "refuse-me", "b"]);
+    let seqs = put_numbered(&c, input, &sent);
+    let extra =
+        format!("systems.kinesis.streams.{output}.aws.kinesis.endpoint={}\n", proxy.endpoint());
+    let config = config(dir.path(), "refusednodlq", input, output, None, &extra);
+    let log = dir.path().join("host.log");
+    let host = Host::start_with("policy-task", &config, &log, &[]);
+    wait_for_log(&log, "Set task.dead.letter.output to go on without such records", 1);
+    wait_for_records(&c, output, 2, &log);
+    host.stop_cleanly(&log);
+    let text = log_text(&log);
+    assert!(
+        text.contains("output out (stream pol-refused-nodlq-out) refused 1 of the records the task emitted as invalid, such as one with partition key key-0: InvalidArgumentException: a record is invalid (injected); the valid ones were sent"),
+        "{text}"
+    );
+    let out = data(&c, output);
+    assert_eq!(&out[..2], ["a", "b"], "the valid records of the request were delivered: {out:?}");
+    assert!(!out.iter().any(|d| d == "refuse-me"), "{out:?}");
+    // Nothing is checkpointed past the record before the refused one.
+    let at = checkpoint(&c, "refusednodlq-1-pol-refused-nodlq-in");
+    assert!(
+        at.as_deref() == Some("TRIM_HORIZON") || at.as_ref() == Some(&seqs[0]),
+        "checkpoint {at:?}, records {seqs:?}"
+    );
+}

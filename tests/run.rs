@@ -457,6 +457,7 @@ fn throttling_and_transient_faults_are_survived() {
     // Rules that fire on the first matching calls are certain to fire whatever the timing
     // (a run may need only a handful of calls); never more in a row than the SDK retries.
     let rule = |target_suffix, every, fault, limit| Rule {
+        body_contains: None,
         target_suffix,
         every,
         fault,
@@ -511,7 +512,13 @@ fn leases_are_created_despite_throttling_beyond_the_sdk_retries() {
     // new table's leases fails once and must be tried again rather than fail the job.
     let dynamodb = FaultProxy::start(
         &e.dynamodb_endpoint,
-        vec![Rule { target_suffix: "PutItem", every: 1, fault: Fault::Throttle, limit: Some(5) }],
+        vec![Rule {
+            target_suffix: "PutItem",
+            every: 1,
+            fault: Fault::Throttle,
+            limit: Some(5),
+            body_contains: None,
+        }],
     );
     let config = job_properties(
         dir.path(),

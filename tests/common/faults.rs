@@ -19,7 +19,13 @@
 //! let e = emulators::emulators();
 //! let kinesis = FaultProxy::start(
 //!     &e.kinesis_endpoint,
-//!     vec![Rule { target_suffix: "GetRecords", every: 3, fault: Fault::Throttle, limit: Some(10) }],
+//!     vec![Rule {
+//!         target_suffix: "GetRecords",
+//!         every: 3,
+//!         fault: Fault::Throttle,
+//!         limit: Some(10),
+//!         body_contains: None,
+//!     }],
 //! );
 //! // ... AwsSettings { kinesis_endpoint: Some(kinesis.endpoint()), .. }
 //! // ... run the host, check its output ...
@@ -28,7 +34,8 @@
 //!
 //! A rule matches a request when the request's `X-Amz-Target` header ends with the rule's
 //! `target_suffix` (`Kinesis_20131202.GetRecords` ends with `GetRecords`; an empty suffix matches
-//! every request that has the header). Every matching request counts for the rule, and the rule
+//! every request that has the header) and, when the rule has `body_contains`, its body contains
+//! that text. Every matching request counts for the rule, and the rule
 //! fires on its `every`-th, `2 * every`-th, ... matching request until it has fired `limit` times.
 //! Rules are tried in order and the first one that fires decides the fault; requests that no rule
 //! fires for are forwarded unchanged, over one upstream connection per client connection.
@@ -64,6 +71,9 @@ pub enum Fault {
     ServerError,
     /// The connection is closed without a response.
     Reset,
+    /// `400 Bad Request` with `InvalidArgumentException`, as Kinesis refuses a request holding
+    /// an invalid record; the connection stays open.
+    Invalid,
 }
 
 /// When to inject a fault; see the module documentation.
@@ -78,6 +88,8 @@ pub struct Rule {
     pub fault: Fault,
     /// Stop injecting after this many faults (`None`: never stop).
     pub limit: Option<u32>,
+    /// Match only requests whose body contains this text (`None`: any body).
+    pub body_contains: Option<&'static str>,
 }
 
 /// A running proxy; see the module documentation. Dropping it stops it.
@@ -178,13 +190,18 @@ struct RuleState {
 
 impl Shared {
     /// Counts a request and returns the fault to inject, if a rule fires.
-    fn decide(&self, target: Option<&str>) -> Option<Fault> {
+    fn decide(&self, target: Option<&str>, body: &[u8]) -> Option<Fault> {
         let target = target?;
         let state = &mut *lock(&self.state);
         *state.requests.entry(target.to_owned()).or_default() += 1;
         let mut chosen = None;
         for rule in &mut state.rules {
             if !target.ends_with(rule.rule.target_suffix) {
+                continue;
+            }
+            if let Some(text) = rule.rule.body_contains
+                && !body.windows(text.len()).any(|w| w == text.as_bytes())
+            {
                 continue;
             }
             rule.matched += 1;
@@ -248,7 +265,7 @@ fn serve_one(
     let mut request = head.raw;
     read_body(client, kind, &mut request)?;
 
-    let fault = shared.decide(target.as_deref());
+    let fault = shared.decide(target.as_deref(), &request);
     let target = target.unwrap_or_default();
     let response = match fault {
         Some(Fault::Reset) => return Ok(false),
@@ -261,6 +278,17 @@ fn serve_one(
             };
             let error = "ProvisionedThroughputExceededException";
             error_response(shared, &target, "400 Bad Request", error, message, keep_alive)
+        }
+        Some(Fault::Invalid) => {
+            let (status, error) = ("400 Bad Request", "InvalidArgumentException");
+            error_response(
+                shared,
+                &target,
+                status,
+                error,
+                "a record is invalid (injected)",
+                keep_alive,
+            )
         }
         Some(Fault::ServerError) => {
             let status = "500 Internal Server Error";
