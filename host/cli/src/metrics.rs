@@ -8,8 +8,16 @@
 //! Prometheus recorder that adds the label `job` (`job.name`) to every metric, and [`serve`]
 //! answers HTTP/1.0 and HTTP/1.1 requests with hyper: one request per connection (`Connection:
 //! close`), request heads up to [`MAX_REQUEST_BYTES`] (431 beyond), [`READ_TIMEOUT`] to send the
-//! request head and [`CONNECTION_TIMEOUT`] for the whole exchange, at most [`MAX_CONNECTIONS`]
-//! connections at once.
+//! request head and [`CONNECTION_TIMEOUT`] for the whole exchange.
+//!
+//! **Health stays answerable under a connection flood.** Every connection is accepted at once
+//! (none waits in the listen backlog for a slot), and at most [`MAX_CONNECTIONS`] are kept, at
+//! most [`MAX_CONNECTIONS_PER_PEER`] from one IP address: a connection beyond either bound closes
+//! the *oldest* one (of that address, for the second), which is the one that has held its slot
+//! longest without finishing. A probe, which sends its request at once and is answered in
+//! microseconds, is thus never kept waiting by slow or idle connections, however many. Rendering
+//! `/metrics` (the only answer that costs) runs at most [`MAX_METRICS_RENDERS`] at a time;
+//! `/healthz` and `/readyz` never wait for it.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -27,8 +35,9 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::net::IpAddr;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 
 /// Records processed per stream: the task finished them (or set them aside as poison records)
 /// and their outputs are acknowledged.
@@ -51,8 +60,12 @@ const LATENCY_BUCKETS: &[f64] =
 /// The largest request head (request line and headers) read; a longer one gets 431. (hyper's
 /// smallest buffer limit.)
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
-/// Connections served at once; further ones wait in the listen backlog.
-pub const MAX_CONNECTIONS: usize = 16;
+/// Connections kept at once; a further one closes the oldest.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Connections kept at once from one IP address; a further one closes that address's oldest.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 64;
+/// `/metrics` answers rendered at once; further requests for it wait their turn.
+pub const MAX_METRICS_RENDERS: usize = 4;
 /// How long a client may take to send its request head.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a connection may last in all: sending the request and reading the answer.
@@ -263,10 +276,48 @@ impl Probe for Health {
     }
 }
 
+/// The connections being served, oldest first, so that a flood closes the oldest.
+#[derive(Debug, Default)]
+struct Connections {
+    next: u64,
+    open: std::collections::BTreeMap<u64, (IpAddr, Arc<Notify>)>,
+}
+
+impl Connections {
+    /// Registers a connection from `peer`; returns its id, what tells it to close, and the
+    /// connections to close to stay within the bounds.
+    fn admit(&mut self, peer: IpAddr) -> (u64, Arc<Notify>, Vec<Arc<Notify>>) {
+        let id = self.next;
+        self.next += 1;
+        let close = Arc::new(Notify::new());
+        self.open.insert(id, (peer, close.clone()));
+        let mut evicted = Vec::new();
+        let from_peer: Vec<u64> =
+            self.open.iter().filter(|(_, (p, _))| *p == peer).map(|(id, _)| *id).collect();
+        for old in from_peer.iter().take(from_peer.len().saturating_sub(MAX_CONNECTIONS_PER_PEER)) {
+            if let Some((_, notify)) = self.open.remove(old) {
+                evicted.push(notify);
+            }
+        }
+        while self.open.len() > MAX_CONNECTIONS {
+            match self.open.pop_first() {
+                Some((_, (_, notify))) => evicted.push(notify),
+                None => break,
+            }
+        }
+        (id, close, evicted)
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.open.remove(&id);
+    }
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the future is dropped, and
 /// folds histograms into their buckets every 5 s (and before every scrape).
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle, probe: Arc<dyn Probe>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = Arc::new(Mutex::new(Connections::default()));
+    let renders = Arc::new(Semaphore::new(MAX_METRICS_RENDERS));
     let mut upkeep = tokio::time::interval(UPKEEP_INTERVAL);
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -275,27 +326,46 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, probe: Arc<d
         // One request per connection: nothing here is worth keeping a socket open for.
         .keep_alive(false);
     loop {
-        let accept = async {
-            let permit = slots.clone().acquire_owned().await;
-            (permit, listener.accept().await)
-        };
         tokio::select! {
             _ = upkeep.tick() => handle.run_upkeep(),
-            (permit, accepted) = accept => match accepted {
-                Ok((stream, _)) => {
-                    let (handle, probe) = (handle.clone(), probe.clone());
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let (id, close, evicted) = connections
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .admit(peer.ip());
+                    for old in evicted {
+                        // notify_one keeps the wake-up for a connection not yet waiting.
+                        old.notify_one();
+                    }
+                    let (handle, probe, renders) = (handle.clone(), probe.clone(), renders.clone());
                     let service = service_fn(move |request: Request<Incoming>| {
-                        let answer = respond(request.method(), request.uri().path(), &handle, &*probe);
-                        std::future::ready(Ok::<_, Infallible>(answer))
+                        let (handle, probe, renders) = (handle.clone(), probe.clone(), renders.clone());
+                        async move {
+                            let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+                            // Only rendering the metrics waits for a turn; probes never do.
+                            let _turn = if path == "/metrics" && (method == Method::GET || method == Method::HEAD) {
+                                renders.acquire_owned().await.ok()
+                            } else {
+                                None
+                            };
+                            Ok::<_, Infallible>(respond(&method, &path, &handle, &*probe))
+                        }
                     });
                     let connection = http.serve_connection(TokioIo::new(stream), service);
+                    let connections = connections.clone();
                     tokio::spawn(async move {
-                        let _permit = permit;
-                        match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(error)) => tracing::debug!(%error, "Metrics request failed."),
-                            Err(_) => tracing::debug!("Metrics connection too slow; closed."),
+                        tokio::select! {
+                            served = tokio::time::timeout(CONNECTION_TIMEOUT, connection) => match served {
+                                Ok(Ok(())) => {}
+                                Ok(Err(error)) => tracing::debug!(%error, "Metrics request failed."),
+                                Err(_) => tracing::debug!("Metrics connection too slow; closed."),
+                            },
+                            () = close.notified() => {
+                                tracing::debug!(%peer, "Metrics connection closed to make room for newer ones.");
+                            }
                         }
+                        connections.lock().unwrap_or_else(PoisonError::into_inner).remove(id);
                     });
                 }
                 Err(error) => {
@@ -520,5 +590,88 @@ mod tests {
         assert!(ok.starts_with("HTTP/1.0 200 OK\r\n") && ok.ends_with("\r\n\r\nready\n"), "{ok}");
         server.abort();
         Ok(())
+    }
+
+    /// One `GET /healthz`, given `within` to be answered (a guard, not a timing assertion: a
+    /// starved endpoint never answers while the flood lasts).
+    async fn probe_within(address: SocketAddr, within: Duration) -> Result<String, String> {
+        tokio::time::timeout(within, exchange(address, b"GET /healthz HTTP/1.1\r\n\r\n"))
+            .await
+            .map_err(|_| format!("no answer within {within:?}"))?
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn health_answers_beside_a_flood_of_idle_and_slow_connections() -> std::io::Result<()> {
+        let (_stop, stopping) = watch::channel(false);
+        let health = Arc::new(Health::new(0, stopping));
+        let (address, server) = start(recorder().handle(), health).await?;
+        // 150 connections that send nothing, and 16 that send a request head a byte at a time.
+        let mut idle = Vec::new();
+        for _ in 0..150 {
+            idle.push(TcpStream::connect(address).await?);
+        }
+        let slow = tokio::spawn(async move {
+            let mut streams = Vec::new();
+            for _ in 0..16 {
+                streams.push(TcpStream::connect(address).await?);
+            }
+            for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\n".iter().take(20) {
+                for s in &mut streams {
+                    // The server may have closed it to make room: that is the point.
+                    let _ = s.write_all(&[*byte]).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok::<_, std::io::Error>(streams)
+        });
+        for _ in 0..20 {
+            let answer = probe_within(address, Duration::from_secs(3)).await;
+            assert!(
+                answer
+                    .as_deref()
+                    .is_ok_and(|a| a.starts_with("HTTP/1.1 200 OK\r\n") && a.ends_with("ok\n")),
+                "{answer:?}"
+            );
+        }
+        // The oldest idle connections were closed to keep one address within its bound.
+        let mut closed = 0;
+        for stream in &mut idle {
+            let mut byte = [0u8; 1];
+            if let Ok(Ok(0)) =
+                tokio::time::timeout(Duration::from_millis(200), stream.read(&mut byte)).await
+            {
+                closed += 1;
+            }
+        }
+        assert!(closed >= 150 + 16 + 20 - MAX_CONNECTIONS_PER_PEER - 16, "{closed} closed");
+        let _ = slow.await;
+        server.abort();
+        Ok(())
+    }
+
+    #[test]
+    fn a_flood_closes_the_oldest_connections_first() {
+        let mut c = Connections::default();
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let b: IpAddr = [10, 0, 0, 2].into();
+        let (first, _, evicted) = c.admit(a);
+        assert!(evicted.is_empty());
+        for _ in 1..MAX_CONNECTIONS_PER_PEER {
+            assert!(c.admit(a).2.is_empty());
+        }
+        // One more from `a` closes `a`'s oldest; `b` is not affected by `a`'s count.
+        let (_, _, evicted) = c.admit(a);
+        assert_eq!(evicted.len(), 1);
+        assert!(!c.open.contains_key(&first));
+        for i in 0..MAX_CONNECTIONS {
+            let peer: IpAddr = [10, 1, (i / 200) as u8, (i % 200) as u8].into();
+            c.admit(peer);
+        }
+        assert_eq!(c.open.len(), MAX_CONNECTIONS);
+        assert!(c.open.values().all(|(p, _)| *p != a), "the oldest went first");
+        let (id, _, _) = c.admit(b);
+        c.remove(id);
+        assert_eq!(c.open.len(), MAX_CONNECTIONS - 1);
     }
 }
