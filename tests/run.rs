@@ -796,3 +796,244 @@ fn metrics_address_serves_prometheus_metrics_health_and_readiness() {
     host.stop_cleanly(&log);
     assert!(std::net::TcpStream::connect(&address).is_err(), "the endpoint closes with the host");
 }
+
+/// Waits (bounded) for `host` to exit by itself; its exit status.
+fn wait_for_exit(host: &mut Host, log: &std::path::Path) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(status) = host.0.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the host did not exit; log:\n{}", log_text(log));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_lease_table_deleted_mid_run_stops_the_job_loudly_and_run_exits_1() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("run-gone-in", "run-gone-out");
+    create_streams(&c, &[(input, 2), (output, 1)]);
+    let sent = numbered(4, 2, 0);
+    put(&c, input, &sent);
+    let failover = "systems.kinesis.aws.kcl.FailoverTimeMillis=3000\n";
+    let config = job_properties(dir.path(), "gone", input, output, failover);
+    let log = dir.path().join("host.log");
+    let mut host = Host::start(&config, &log);
+    wait_for_records(&c, output, sent.len(), &log);
+    let table = "gone-1-run-gone-in";
+    rt().block_on(c.dynamodb.delete_table().table_name(table).send()).expect("DeleteTable");
+    let status = wait_for_exit(&mut host, &log);
+    let text = log_text(&log);
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("The lease table was deleted while the job ran: stopping every shard"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "error: stream {input}: lease table {table} does not exist (DynamoDB Scan: ResourceNotFoundException): it was deleted while the job ran"
+        )),
+        "{text}"
+    );
+    // Nothing recreated it behind the operator's back.
+    let tables = rt().block_on(c.dynamodb.list_tables().send()).expect("ListTables");
+    assert!(!tables.table_names().iter().any(|t| t == table), "{tables:?}");
+}
+
+/// Puts one record into each shard of `stream` (by its starting hash key), data `shard-<i>`;
+/// returns the shard ids in order.
+fn one_record_per_shard(
+    c: &kinesis_host_coordinator::aws::AwsClients,
+    stream: &str,
+) -> Vec<String> {
+    let rt = rt();
+    let shards = rt
+        .block_on(c.kinesis.list_shards().stream_name(stream).send())
+        .expect("ListShards")
+        .shards()
+        .to_vec();
+    for (i, shard) in shards.iter().enumerate() {
+        let start =
+            shard.hash_key_range().map(|r| r.starting_hash_key().to_owned()).unwrap_or_default();
+        rt.block_on(
+            c.kinesis
+                .put_record()
+                .stream_name(stream)
+                .partition_key(format!("key-{i}"))
+                .explicit_hash_key(start)
+                .data(Blob::new(format!("shard-{i}")))
+                .send(),
+        )
+        .expect("PutRecord");
+    }
+    shards.iter().map(|s| s.shard_id().to_owned()).collect()
+}
+
+#[test]
+fn damaged_lease_items_fail_their_own_shard_alone_and_loudly() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("run-damaged-in", "run-damaged-out");
+    create_streams(&c, &[(input, 5), (output, 1)]);
+    let shards = one_record_per_shard(&c, input);
+    let table = "damaged-1-run-damaged-in";
+    let rt = rt();
+    rt.block_on(create_lease_table(&c, table));
+    let n = |v: &str| AttributeValue::N(v.into());
+    let s = |v: &str| AttributeValue::S(v.into());
+    // Shards 0 to 3 each have one attribute KCL would not read; shard 4's lease is the host's.
+    let damage: [(&str, AttributeValue); 4] = [
+        ("checkpoint", n("49000")),
+        ("checkpoint", s("banana")),
+        ("leaseCounter", s("7")),
+        ("leaseOwner", n("12")),
+    ];
+    for (shard, (name, value)) in shards.iter().zip(damage) {
+        let mut put = c
+            .dynamodb
+            .put_item()
+            .table_name(table)
+            .item("leaseKey", s(shard))
+            .item("leaseCounter", n("1"))
+            .item("checkpoint", s("TRIM_HORIZON"))
+            .item("checkpointSubSequenceNumber", n("0"))
+            .item("ownerSwitchesSinceCheckpoint", n("0"));
+        put = put.item(name, value);
+        rt.block_on(put.send()).expect("PutItem");
+    }
+    let failover = "systems.kinesis.aws.kcl.FailoverTimeMillis=3000\n";
+    let config = job_properties(dir.path(), "damaged", input, output, failover);
+    let log = dir.path().join("host.log");
+    let host = Host::start(&config, &log);
+    wait_for_records(&c, output, 1, &log);
+    for (shard, problem) in shards.iter().zip([
+        "checkpoint is a number (49000), not a string",
+        "checkpoint \"banana\" is not a sequence number or sentinel",
+        "leaseCounter is a string (\"7\"), not a number",
+        "leaseOwner is a number (12), not a string",
+    ]) {
+        wait_for_log(&log, &format!("lease table {table}: item {shard} is damaged: {problem}"), 1);
+    }
+    // Only the healthy shard was processed: nothing was read from a checkpoint guessed.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        read_all(&c, output).into_iter().map(|(_, d)| d).collect::<Vec<_>>(),
+        ["shard-4"],
+        "{}",
+        log_text(&log)
+    );
+    // Each item is reported once, not at every scan.
+    assert_eq!(log_text(&log).matches("Damaged lease item").count(), 4, "{}", log_text(&log));
+
+    // `status` shows every shard, the damaged ones as such, and exits 1.
+    let (out, stdout, stderr) =
+        common::run(kinesis_host().arg("status").arg("--config").arg(&config));
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!("{}: damaged lease item: leaseOwner is a number (12)", shards[3])),
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("DAMAGED").count(), 4, "{stdout}");
+    assert_eq!(
+        stderr.matches("error: lease table damaged-1-run-damaged-in: item").count(),
+        4,
+        "{stderr}"
+    );
+
+    // An item fixed is taken and processed from its checkpoint.
+    let update = |key: &str, expression: &str, value: AttributeValue| {
+        rt.block_on(
+            c.dynamodb
+                .update_item()
+                .table_name(table)
+                .key("leaseKey", s(key))
+                .update_expression(expression)
+                .expression_attribute_values(":v", value)
+                .send(),
+        )
+        .expect("UpdateItem");
+    };
+    update(&shards[0], "SET checkpoint = :v", s("TRIM_HORIZON"));
+    wait_for_log(&log, "The lease item is readable again.", 1);
+    wait_for_records(&c, output, 2, &log);
+    // A held lease damaged under the host: its shard stops at the next renewal, named; a
+    // counter that is no longer a number is not mistaken for another host's write.
+    update(&shards[4], "SET leaseOwner = :v", n("5"));
+    wait_for_log(
+        &log,
+        &format!("item {} is damaged: leaseOwner is a number (5), not a string", shards[4]),
+        2,
+    );
+    update(&shards[0], "SET leaseCounter = :v", s("9"));
+    wait_for_log(
+        &log,
+        &format!("item {} is damaged: leaseCounter is a string (\"9\")", shards[0]),
+        2,
+    );
+    let text = log_text(&log);
+    assert!(text.contains("Lease item damaged: stopping its shard."), "{text}");
+    assert!(!text.contains("another worker took it"), "{text}");
+    host.stop_cleanly(&log);
+    let got: Vec<String> = read_all(&c, output).into_iter().map(|(_, d)| d).collect();
+    assert_eq!(got, ["shard-4", "shard-0"]);
+}
+
+#[test]
+fn dynamodb_unreachable_past_the_failover_time_is_said_in_logs_and_metrics_and_loses_nothing() {
+    let c = clients();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = ("run-ddbdown-in", "run-ddbdown-out");
+    create_streams(&c, &[(input, 2), (output, 1)]);
+    let first = numbered(4, 2, 0);
+    put(&c, input, &first);
+    let e = emulators::emulators();
+    let dynamodb = faults::FaultProxy::start(&e.dynamodb_endpoint, Vec::new());
+    let address = free_address();
+    let extra = format!(
+        "systems.kinesis.aws.kcl.FailoverTimeMillis=3000\nsystems.kinesis.aws.dynamodb.endpoint={}\nmetrics.address={address}\n",
+        dynamodb.endpoint()
+    );
+    let config = job_properties(dir.path(), "ddbdown", input, output, &extra);
+    let log = dir.path().join("host.log");
+    let host = Host::start(&config, &log);
+    wait_for_records(&c, output, first.len(), &log);
+    // DynamoDB stops answering for more than twice the failover time.
+    dynamodb.pause(true);
+    wait_for_log(&log, "Lease renewals failed; retrying at the next tick.", 1);
+    wait_for_log(&log, "Lost lease: not renewed within FailoverTimeMillis", 2);
+    wait_for_log(&log, "Lease scan failed; retrying at the next tick.", 1);
+    let (_, _, metrics) = http_get(&address, "/metrics");
+    let labels = [("job", "ddbdown"), ("stream", input)];
+    assert!(
+        sample(&metrics, "kinesis_host_lease_renewal_failures_total", &labels)
+            .is_some_and(|n| n >= 2.0),
+        "{metrics}"
+    );
+    assert!(sample(&metrics, "kinesis_host_leases_lost_total", &labels).is_some_and(|n| n >= 2.0));
+    assert!(
+        sample(&metrics, "kinesis_host_lease_scan_failures_total", &labels)
+            .is_some_and(|n| n >= 1.0)
+    );
+    dynamodb.pause(false);
+    // Back: the leases are taken again and every record is delivered (at least once, in order).
+    let second = numbered(4, 2, 2);
+    put(&c, input, &second);
+    let mut sent = first;
+    sent.extend(second);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let got = by_key(&read_all(&c, output));
+        let all = by_key(&sent)
+            .iter()
+            .all(|(k, v)| got.get(k).is_some_and(|g| v.iter().all(|r| g.contains(r))));
+        if all {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not every record delivered; log:\n{}", log_text(&log));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    host.stop_cleanly(&log);
+    assert_first_deliveries_in_order(&read_all(&c, output), &sent);
+}

@@ -39,6 +39,7 @@
 //! fires on its `every`-th, `2 * every`-th, ... matching request until it has fired `limit` times.
 //! Rules are tried in order and the first one that fires decides the fault; requests that no rule
 //! fires for are forwarded unchanged, over one upstream connection per client connection.
+//! [`FaultProxy::pause`] holds every request unanswered until it is cleared.
 //!
 //! The proxy listens on an OS-chosen port of 127.0.0.1 and stops (closing every connection it
 //! holds) when the [`FaultProxy`] is dropped. Every read and write has a 30-second timeout, so no
@@ -120,6 +121,7 @@ impl FaultProxy {
         let shared = Arc::new(Shared {
             upstream,
             forwarded: AtomicU64::new(0),
+            paused: std::sync::atomic::AtomicBool::new(false),
             responses: AtomicU64::new(0),
             state: Mutex::new(State {
                 rules: rules
@@ -154,6 +156,12 @@ impl FaultProxy {
         sum_matching(&lock(&self.shared.state).requests, target_suffix)
     }
 
+    /// Holds every request unanswered while `paused` (for at most two minutes each), as a
+    /// server that stopped answering; clearing it lets the held requests through.
+    pub fn pause(&self, paused: bool) {
+        self.shared.paused.store(paused, Ordering::SeqCst);
+    }
+
     /// How many requests were forwarded and answered by the upstream.
     pub fn forwarded(&self) -> u64 {
         self.shared.forwarded.load(Ordering::SeqCst)
@@ -165,6 +173,8 @@ impl FaultProxy {
 struct Shared {
     upstream: SocketAddr,
     forwarded: AtomicU64,
+    /// While set, requests are held unanswered, as by a server that stopped responding.
+    paused: std::sync::atomic::AtomicBool,
     /// Numbers the `x-amzn-RequestId` of injected responses.
     responses: AtomicU64,
     state: Mutex<State>,
@@ -265,6 +275,13 @@ fn serve_one(
     let mut request = head.raw;
     read_body(client, kind, &mut request)?;
 
+    let held_since = Instant::now();
+    while shared.paused.load(Ordering::SeqCst)
+        && !connections.stopping()
+        && held_since.elapsed() < Duration::from_secs(120)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let fault = shared.decide(target.as_deref(), &request);
     let target = target.unwrap_or_default();
     let response = match fault {

@@ -436,7 +436,11 @@ fn status_cmd(args: StatusArgs) -> anyhow::Result<ExitCode> {
     out.flush()?;
     let mut failed = false;
     for error in streams.iter().filter_map(|s| s.error.as_deref()) {
-        eprintln!("error: {error}");
+        eprintln!("error: {}", kinesis_host_runtime::escape_control(error));
+        failed = true;
+    }
+    for error in kinesis_host::status::damaged_items(&streams) {
+        eprintln!("error: {}", kinesis_host_runtime::escape_control(&error));
         failed = true;
     }
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })

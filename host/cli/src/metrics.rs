@@ -142,7 +142,15 @@ fn describe() {
     );
     describe_counter!(
         "kinesis_host_lease_renewal_failures_total",
-        "Lease renewals that failed (other than by losing the lease) and were retried."
+        "Lease renewals that failed or were not answered in time (other than by losing the lease), retried."
+    );
+    describe_counter!(
+        "kinesis_host_lease_scan_failures_total",
+        "Lease table scans that failed or were not answered in time, retried at the next tick."
+    );
+    describe_gauge!(
+        "kinesis_host_leases_damaged",
+        "Lease items with an attribute of the wrong type or form: their shards are not processed."
     );
     describe_counter!("kinesis_host_checkpoints_total", "Checkpoints written.");
     describe_counter!(

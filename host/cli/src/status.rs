@@ -70,8 +70,12 @@ pub struct ShardStatus {
     /// The shard's children (shards naming it as parent, and the lease's `childShardIds`).
     pub children: Vec<String>,
     /// Kinesis's `MillisBehindLatest` for a read just after the checkpoint; `None` when unknown
-    /// (no lease, shard end, trimmed, or the look-up failed).
+    /// (no lease, shard end, trimmed, damaged, or the look-up failed).
     pub millis_behind_latest: Option<i64>,
+    /// What is wrong with the lease item, naming the attribute, when it cannot be read as a
+    /// lease (then `checkpoint` and `lease_counter` are `None`: nothing is guessed); hosts do not
+    /// process the shard until it is fixed.
+    pub damaged: Option<String>,
 }
 
 /// A pending graceful hand-off of a lease: `from` still processes the shard and checkpoints it,
@@ -121,6 +125,8 @@ pub struct Totals {
     pub owners: BTreeMap<String, usize>,
     /// Leases with a graceful hand-off pending.
     pub handoffs_pending: usize,
+    /// Lease items that cannot be read as leases (see [`ShardStatus::damaged`]).
+    pub damaged: usize,
 }
 
 /// One input stream of the job and its lease table.
@@ -260,6 +266,12 @@ pub fn assemble(shards: &[ShardInfo], leases: &[Lease]) -> (Totals, Vec<ShardSta
         if handoff.is_some() {
             totals.handoffs_pending += 1;
         }
+        let damaged = lease.and_then(|l| l.damaged.clone());
+        if damaged.is_some() {
+            totals.damaged += 1;
+        }
+        // What a damaged item holds is not shown as if it were its checkpoint.
+        let readable = lease.filter(|l| l.damaged.is_none());
         let parents = match (shard, lease) {
             (Some(s), _) if !s.parents.is_empty() => s.parents.clone(),
             (_, Some(l)) => l.parent_shard_ids.clone(),
@@ -271,13 +283,14 @@ pub fn assemble(shards: &[ShardInfo], leases: &[Lease]) -> (Totals, Vec<ShardSta
             leased: lease.is_some(),
             owner: lease.and_then(|l| l.owner.clone()),
             handoff,
-            checkpoint: lease.map(|l| l.checkpoint.as_str().to_owned()),
-            checkpoint_sub_sequence_number: lease.map(|l| l.checkpoint.sub_sequence_number()),
-            lease_counter: lease.map(|l| l.counter),
-            owner_switches_since_checkpoint: lease.map(|l| l.owner_switches_since_checkpoint),
+            checkpoint: readable.map(|l| l.checkpoint.as_str().to_owned()),
+            checkpoint_sub_sequence_number: readable.map(|l| l.checkpoint.sub_sequence_number()),
+            lease_counter: readable.map(|l| l.counter),
+            owner_switches_since_checkpoint: readable.map(|l| l.owner_switches_since_checkpoint),
             parents,
             children: children.remove(id).unwrap_or_default().into_iter().collect(),
             millis_behind_latest: None,
+            damaged,
         });
     }
     (totals, statuses)
@@ -471,6 +484,7 @@ pub fn render_text(streams: &[StreamStatus]) -> String {
         ]];
         for s in &status.shards {
             let checkpoint = match &s.checkpoint {
+                None if s.damaged.is_some() => "DAMAGED".to_owned(),
                 None => "no lease".to_owned(),
                 Some(cp) => match s.checkpoint_sub_sequence_number {
                     Some(sub) if sub > 0 => format!("{}.{sub}", abbreviate(cp)),
@@ -510,8 +524,28 @@ pub fn render_text(streams: &[StreamStatus]) -> String {
             }
             let _ = writeln!(out, "{}", line.trim_end());
         }
+        for s in status.shards.iter().filter(|s| s.damaged.is_some()) {
+            let problem = s.damaged.as_deref().unwrap_or_default();
+            let _ = writeln!(out, "  {}: damaged lease item: {problem}", s.shard_id);
+        }
     }
     out
+}
+
+/// One line per damaged lease item of every stream, for the exit status's `error:` lines.
+pub fn damaged_items(streams: &[StreamStatus]) -> Vec<String> {
+    streams
+        .iter()
+        .flat_map(|status| {
+            status.shards.iter().filter_map(|s| {
+                let problem = s.damaged.as_deref()?;
+                Some(format!(
+                    "lease table {}: item {} is damaged: {problem}; no host processes shard {} until the item is fixed",
+                    status.table, s.shard_id, s.shard_id
+                ))
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -596,6 +630,7 @@ mod tests {
                 unowned_leases: 1,
                 owners: [("a".to_owned(), 2), ("b".to_owned(), 1)].into(),
                 handoffs_pending: 0,
+                damaged: 0,
             }
         );
         let summary: Vec<(&str, ShardState, bool)> =
@@ -695,6 +730,37 @@ mod tests {
              \x20 SHARD                 STATE  OWNER                               CHECKPOINT  COUNTER  LAG  PARENTS  CHILDREN\n\
              \x20 shardId-000000000000  open   host-a → host-b (hand-off pending)  7           3        -    -        -\n\
              \x20 shardId-000000000001  open   host-a                              9           4        -    -        -\n"
+        );
+    }
+
+    #[test]
+    fn a_damaged_item_shows_alone_and_guesses_nothing() {
+        let shards = [shard("shardId-000000000000", &[]), shard("shardId-000000000001", &[])];
+        let mut bad = lease("shardId-000000000001", None, Checkpoint::TrimHorizon, 0);
+        bad.damaged = Some("checkpoint is a number (42), not a string".into());
+        let good = lease("shardId-000000000000", Some("a"), Checkpoint::after("42", 0), 5);
+        let (totals, statuses) = assemble(&shards, &[good, bad]);
+        assert_eq!(totals.damaged, 1);
+        assert_eq!(statuses[0].checkpoint.as_deref(), Some("42"));
+        assert_eq!((statuses[1].checkpoint.as_deref(), statuses[1].lease_counter), (None, None));
+        let stream = StreamStatus {
+            stream: "s".into(),
+            table: "t".into(),
+            error: None,
+            totals: Some(totals),
+            shards: statuses,
+        };
+        let text = render_text(std::slice::from_ref(&stream));
+        assert!(text.contains("shardId-000000000001  open   -      DAMAGED"), "{text}");
+        assert!(
+            text.ends_with("  shardId-000000000001: damaged lease item: checkpoint is a number (42), not a string\n"),
+            "{text}"
+        );
+        assert_eq!(
+            damaged_items(&[stream]),
+            [
+                "lease table t: item shardId-000000000001 is damaged: checkpoint is a number (42), not a string; no host processes shard shardId-000000000001 until the item is fixed"
+            ]
         );
     }
 }

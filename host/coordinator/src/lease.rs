@@ -6,6 +6,7 @@
 //! never checkpoint it.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
@@ -75,6 +76,11 @@ pub struct Lease {
     pub state: Option<StateRef>,
     /// During a graceful hand-off, the outgoing owner (`owner` is then the next one).
     pub checkpoint_owner: Option<String>,
+    /// What is wrong with the item, when an attribute is missing or not of KCL's type or form
+    /// (edited by hand, or written by something else). Such a lease is never taken, renewed
+    /// over or checkpointed: its shard waits, and the others go on. The other fields are then
+    /// what could be read, for display only.
+    pub damaged: Option<String>,
 }
 
 impl Lease {
@@ -91,6 +97,7 @@ impl Lease {
             hash_range: None,
             state: None,
             checkpoint_owner: None,
+            damaged: None,
         }
     }
 }
@@ -136,6 +143,40 @@ pub enum LeaseError {
         lease_key: Option<String>,
         /// The SDK's error, with its service message.
         message: String,
+    },
+    /// A lease item has an attribute of the wrong type or form (see [`Lease::damaged`]).
+    #[error(
+        "lease table {table}: item {lease_key} is damaged: {problem}; its shard is not processed on this host until the item is fixed (the other shards go on)"
+    )]
+    Damaged {
+        /// The table.
+        table: String,
+        /// The item's key.
+        lease_key: String,
+        /// What is wrong, naming the attribute.
+        problem: String,
+    },
+    /// The lease table does not exist (any more).
+    #[error(
+        "lease table {table} does not exist (DynamoDB {operation}: ResourceNotFoundException): it was deleted while the job ran"
+    )]
+    TableGone {
+        /// The table.
+        table: String,
+        /// The operation that found it missing.
+        operation: &'static str,
+    },
+    /// A DynamoDB call was not answered in time.
+    #[error(
+        "DynamoDB {operation} on table {table} was not answered within {after:?}: DynamoDB unreachable or slow"
+    )]
+    Timeout {
+        /// The table.
+        table: String,
+        /// The operation.
+        operation: &'static str,
+        /// How long it was given.
+        after: Duration,
     },
     /// An item does not look like a KCL lease.
     #[error("lease table {table}: item {lease_key} is not a valid lease: {problem}")]
@@ -201,6 +242,57 @@ impl LeaseTable {
         }
     }
 
+    /// The error for a failed call: [`LeaseError::TableGone`] when DynamoDB says the table does
+    /// not exist, else [`LeaseError::Aws`] with the service's message.
+    fn failed<E, R>(
+        &self,
+        operation: &'static str,
+        lease_key: Option<&str>,
+        error: &aws_sdk_dynamodb::error::SdkError<E, R>,
+    ) -> LeaseError
+    where
+        E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        if error.as_service_error().and_then(|e| e.code()) == Some("ResourceNotFoundException") {
+            return LeaseError::TableGone { table: self.table.clone(), operation };
+        }
+        self.aws(operation, lease_key, sdk_message(error))
+    }
+
+    /// Times out `call` after `after`: a DynamoDB that does not answer (paused, cut off) would
+    /// otherwise hold the caller for as long as the connection lasts.
+    ///
+    /// # Errors
+    /// [`LeaseError::Timeout`], or the call's own error.
+    pub async fn within<T>(
+        &self,
+        operation: &'static str,
+        after: Duration,
+        call: impl Future<Output = Result<T, LeaseError>>,
+    ) -> Result<T, LeaseError> {
+        tokio::time::timeout(after, call).await.map_err(|_| LeaseError::Timeout {
+            table: self.table.clone(),
+            operation,
+            after,
+        })?
+    }
+
+    fn damaged(&self, key: &str, problem: String) -> LeaseError {
+        LeaseError::Damaged { table: self.table.clone(), lease_key: key.to_owned(), problem }
+    }
+
+    /// Why a write conditional on `lease`'s counter failed: another host wrote it
+    /// ([`LeaseError::Lost`]), unless the item is now damaged (a `leaseCounter` that is no longer
+    /// a number fails every condition), which is said as such.
+    async fn explain_lost(&self, lease: &Lease) -> LeaseError {
+        match self.get(&lease.key).await {
+            Ok(Some(Lease { damaged: Some(problem), .. })) => self.damaged(&lease.key, problem),
+            Err(error @ LeaseError::Damaged { .. }) => error,
+            _ => self.lost(lease),
+        }
+    }
+
     fn lost(&self, lease: &Lease) -> LeaseError {
         LeaseError::Lost {
             table: self.table.clone(),
@@ -262,6 +354,14 @@ impl LeaseTable {
         Err(LeaseError::NotActive { table: self.table.clone(), waited: wait })
     }
 
+    /// Whether the table exists (in any state).
+    ///
+    /// # Errors
+    /// When `DescribeTable` fails otherwise than by not finding it.
+    pub async fn exists(&self) -> Result<bool, LeaseError> {
+        Ok(self.status().await?.is_some())
+    }
+
     async fn status(&self) -> Result<Option<TableStatus>, LeaseError> {
         match self.client.describe_table().table_name(&self.table).send().await {
             Ok(out) => Ok(out.table().and_then(|t| t.table_status()).cloned()),
@@ -288,7 +388,7 @@ impl LeaseTable {
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
-                .map_err(|e| self.aws("Scan", None, sdk_message(&e)))?;
+                .map_err(|e| self.failed("Scan", None, &e))?;
             for item in out.items() {
                 if let Some(lease) = self.parse_item(item)? {
                     leases.push(lease);
@@ -316,7 +416,7 @@ impl LeaseTable {
             .consistent_read(true)
             .send()
             .await
-            .map_err(|e| self.aws("GetItem", Some(key), sdk_message(&e)))?;
+            .map_err(|e| self.failed("GetItem", Some(key), &e))?;
         match out.item() {
             Some(item) => self.parse_item(item),
             None => Ok(None),
@@ -357,7 +457,7 @@ impl LeaseTable {
             {
                 Ok(false)
             }
-            Err(e) => Err(self.aws("PutItem", Some(&lease.key), sdk_message(&e))),
+            Err(e) => Err(self.failed("PutItem", Some(&lease.key), &e)),
         }
     }
 
@@ -424,9 +524,12 @@ impl LeaseTable {
         match request.return_values(ReturnValue::AllNew).send().await {
             Ok(out) => {
                 // The owner fields as they are now: a graceful hand-off may have named the next
-                // owner without moving the counter.
+                // owner without moving the counter. An item damaged since is never held on.
                 let mut updated = updated;
                 if let Some(item) = out.attributes() {
+                    if let Some(Lease { damaged: Some(problem), .. }) = self.parse_item(item)? {
+                        return Err(self.damaged(&lease.key, problem));
+                    }
                     let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
                     updated.owner = text(attr::LEASE_OWNER);
                     updated.checkpoint_owner = text(attr::CHECKPOINT_OWNER);
@@ -437,9 +540,9 @@ impl LeaseTable {
                 if e.as_service_error()
                     .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
             {
-                Err(self.lost(lease))
+                Err(self.explain_lost(lease).await)
             }
-            Err(e) => Err(self.aws(operation, Some(&lease.key), sdk_message(&e))),
+            Err(e) => Err(self.failed(operation, Some(&lease.key), &e)),
         }
     }
 
@@ -619,9 +722,7 @@ impl LeaseTable {
             {
                 Ok(false)
             }
-            Err(e) => {
-                Err(self.aws("UpdateItem (hand-off request)", Some(&lease.key), sdk_message(&e)))
-            }
+            Err(e) => Err(self.failed("UpdateItem (hand-off request)", Some(&lease.key), &e)),
         }
     }
 
@@ -654,7 +755,7 @@ impl LeaseTable {
             {
                 Ok(false)
             }
-            Err(e) => Err(self.aws("UpdateItem (hand-off withdrawal)", Some(key), sdk_message(&e))),
+            Err(e) => Err(self.failed("UpdateItem (hand-off withdrawal)", Some(key), &e)),
         }
     }
 
@@ -696,62 +797,108 @@ impl LeaseTable {
             .key(attr::LEASE_KEY, s(key))
             .send()
             .await
-            .map_err(|e| self.aws("DeleteItem", Some(key), sdk_message(&e)))?;
+            .map_err(|e| self.failed("DeleteItem", Some(key), &e))?;
         Ok(())
     }
 
+    /// Reads a lease item. An attribute of the wrong type or form makes the lease
+    /// [`Lease::damaged`] (naming the attribute), not an error, so that one bad item stops only
+    /// its own shard; only an item without a `leaseKey` string (which the table's key schema
+    /// rules out) is an error.
     fn parse_item(
         &self,
         item: &HashMap<String, AttributeValue>,
     ) -> Result<Option<Lease>, LeaseError> {
         let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).map(String::as_str);
         let key = text(attr::LEASE_KEY).unwrap_or_default().to_owned();
+        if key.is_empty() {
+            return Err(LeaseError::Malformed {
+                table: self.table.clone(),
+                lease_key: key,
+                problem: "it has no leaseKey string".into(),
+            });
+        }
         if text(attr::ENTITY_TYPE).is_some_and(|t| t != "LEASE") {
             return Ok(None);
         }
-        let malformed = |problem: String| LeaseError::Malformed {
-            table: self.table.clone(),
-            lease_key: key.clone(),
-            problem,
-        };
-        let number = |name: &str| -> Result<u64, LeaseError> {
-            match item.get(name) {
-                None => Ok(0),
-                Some(AttributeValue::N(v)) => {
-                    v.parse().map_err(|_| malformed(format!("{name} is {v:?}, not a whole number")))
-                }
-                Some(other) => Err(malformed(format!("{name} is {other:?}, not a number"))),
+        let mut problems = Vec::new();
+        let mut problem = |p: String| problems.push(p);
+        let string = |name: &str, problem: &mut dyn FnMut(String)| match item.get(name) {
+            None => None,
+            Some(AttributeValue::S(v)) => Some(v.clone()),
+            Some(other) => {
+                problem(format!("{name} is {}, not a string", describe(other)));
+                None
             }
         };
-        let set = |name: &str| -> Vec<String> {
+        let number = |name: &str, required: bool, problem: &mut dyn FnMut(String)| -> u64 {
             match item.get(name) {
+                None if required => {
+                    problem(format!("{name} is missing"));
+                    0
+                }
+                None => 0,
+                Some(AttributeValue::N(v)) => v.parse().unwrap_or_else(|_| {
+                    problem(format!("{name} is {v:?}, not a whole number"));
+                    0
+                }),
+                Some(other) => {
+                    problem(format!("{name} is {}, not a number", describe(other)));
+                    0
+                }
+            }
+        };
+        let set = |name: &str, problem: &mut dyn FnMut(String)| -> Vec<String> {
+            match item.get(name) {
+                None => Vec::new(),
                 Some(AttributeValue::Ss(v)) => v.clone(),
                 Some(AttributeValue::S(v)) => vec![v.clone()],
-                _ => Vec::new(),
+                Some(other) => {
+                    problem(format!("{name} is {}, not a string set", describe(other)));
+                    Vec::new()
+                }
             }
         };
-        if key.is_empty() {
-            return Err(malformed("it has no leaseKey string".into()));
-        }
-        let checkpoint = Checkpoint::parse(
-            text(attr::CHECKPOINT).unwrap_or("TRIM_HORIZON"),
-            number(attr::CHECKPOINT_SUB)?,
-        )
-        .map_err(|CheckpointError { value }| {
-            malformed(format!("checkpoint {value:?} is not a sequence number or sentinel"))
-        })?;
+        let owner = string(attr::LEASE_OWNER, &mut problem);
+        let counter = number(attr::LEASE_COUNTER, true, &mut problem);
+        let sub = number(attr::CHECKPOINT_SUB, false, &mut problem);
+        // A placeholder when unreadable: a damaged lease is never processed from it.
+        let checkpoint = match item.get(attr::CHECKPOINT) {
+            Some(AttributeValue::S(v)) => {
+                Checkpoint::parse(v, sub).unwrap_or_else(|CheckpointError { value }| {
+                    problem(format!(
+                        "{} {value:?} is not a sequence number or sentinel",
+                        attr::CHECKPOINT
+                    ));
+                    Checkpoint::TrimHorizon
+                })
+            }
+            None => {
+                problem(format!("{} is missing", attr::CHECKPOINT));
+                Checkpoint::TrimHorizon
+            }
+            Some(other) => {
+                problem(format!("{} is {}, not a string", attr::CHECKPOINT, describe(other)));
+                Checkpoint::TrimHorizon
+            }
+        };
+        let owner_switches_since_checkpoint = number(attr::OWNER_SWITCHES, false, &mut problem);
+        let parent_shard_ids = set(attr::PARENT_SHARD_ID, &mut problem);
+        let child_shard_ids = set(attr::CHILD_SHARD_IDS, &mut problem);
+        let starting = string(attr::STARTING_HASH_KEY, &mut problem);
+        let ending = string(attr::ENDING_HASH_KEY, &mut problem);
+        let checkpoint_owner = string(attr::CHECKPOINT_OWNER, &mut problem);
         Ok(Some(Lease {
-            owner: text(attr::LEASE_OWNER).map(str::to_owned),
-            counter: number(attr::LEASE_COUNTER)?,
+            owner,
+            counter,
             checkpoint,
-            owner_switches_since_checkpoint: number(attr::OWNER_SWITCHES)?,
-            parent_shard_ids: set(attr::PARENT_SHARD_ID),
-            child_shard_ids: set(attr::CHILD_SHARD_IDS),
-            hash_range: text(attr::STARTING_HASH_KEY)
-                .zip(text(attr::ENDING_HASH_KEY))
-                .map(|(a, b)| (a.to_owned(), b.to_owned())),
+            owner_switches_since_checkpoint,
+            parent_shard_ids,
+            child_shard_ids,
+            hash_range: starting.zip(ending),
             state: Self::parse_state(item),
-            checkpoint_owner: text(attr::CHECKPOINT_OWNER).map(str::to_owned),
+            checkpoint_owner,
+            damaged: (!problems.is_empty()).then(|| problems.join("; ")),
             key,
         }))
     }
@@ -794,6 +941,23 @@ impl LeaseTable {
             bytes: number(state_attr::STATE_BYTES)?,
             digest,
         }))
+    }
+}
+
+/// An attribute value's type, as DynamoDB names it, for a message.
+fn describe(value: &AttributeValue) -> String {
+    match value {
+        AttributeValue::S(v) => format!("a string ({v:?})"),
+        AttributeValue::N(v) => format!("a number ({v})"),
+        AttributeValue::B(_) => "binary".to_owned(),
+        AttributeValue::Bool(v) => format!("a boolean ({v})"),
+        AttributeValue::Null(_) => "null".to_owned(),
+        AttributeValue::Ss(_) => "a string set".to_owned(),
+        AttributeValue::Ns(_) => "a number set".to_owned(),
+        AttributeValue::Bs(_) => "a binary set".to_owned(),
+        AttributeValue::L(_) => "a list".to_owned(),
+        AttributeValue::M(_) => "a map".to_owned(),
+        _ => "of an unknown type".to_owned(),
     }
 }
 
@@ -865,5 +1029,54 @@ mod tests {
             Some(StateRef::Malformed { problem }) => assert!(problem.contains("hostStateVersion")),
             other => panic!("expected a malformed state reference, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_damaged_item_names_its_attribute_and_fails_only_its_lease() {
+        let t = table();
+        let damaged = |extra: &[(&str, AttributeValue)], remove: &[&str]| {
+            let mut it = item(extra);
+            for name in remove {
+                it.remove(*name);
+            }
+            t.parse_item(&it).ok().flatten().and_then(|l| l.damaged)
+        };
+        assert_eq!(damaged(&[], &[]), None);
+        for (extra, remove, expected) in [
+            (vec![(attr::CHECKPOINT, n(42))], vec![], "checkpoint is a number (42), not a string"),
+            (
+                vec![(attr::CHECKPOINT, s("banana"))],
+                vec![],
+                "checkpoint \"banana\" is not a sequence number or sentinel",
+            ),
+            (vec![], vec![attr::CHECKPOINT], "checkpoint is missing"),
+            (
+                vec![(attr::LEASE_COUNTER, s("7"))],
+                vec![],
+                "leaseCounter is a string (\"7\"), not a number",
+            ),
+            (vec![], vec![attr::LEASE_COUNTER], "leaseCounter is missing"),
+            (vec![(attr::LEASE_OWNER, n(3))], vec![], "leaseOwner is a number (3), not a string"),
+            (
+                vec![(attr::PARENT_SHARD_ID, n(1))],
+                vec![],
+                "parentShardId is a number (1), not a string set",
+            ),
+            (
+                vec![(attr::OWNER_SWITCHES, s("x"))],
+                vec![],
+                "ownerSwitchesSinceCheckpoint is a string (\"x\"), not a number",
+            ),
+        ] {
+            assert_eq!(damaged(&extra, &remove).as_deref(), Some(expected));
+        }
+        // Several problems are all named.
+        let both = damaged(&[(attr::LEASE_OWNER, n(3)), (attr::CHECKPOINT, n(1))], &[]);
+        assert_eq!(
+            both.as_deref(),
+            Some(
+                "leaseOwner is a number (3), not a string; checkpoint is a number (1), not a string"
+            )
+        );
     }
 }

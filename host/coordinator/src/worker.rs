@@ -259,8 +259,11 @@ pub async fn run_with<F: ProcessorFactory>(
         .max(Duration::from_millis(50));
     let mut last_sync = Instant::now();
     tokio::pin!(shutdown);
+    // Damaged lease items reported so far, and how: each is logged once (again if it changes).
+    let mut damaged: HashMap<String, String> = HashMap::new();
+    let mut failure = None;
     loop {
-        renew_all(&table, &held, &config).await;
+        renew_all(&table, &held, &config, tick).await;
         match take_leases(
             &kinesis,
             &table,
@@ -272,6 +275,7 @@ pub async fn run_with<F: ProcessorFactory>(
             &mut tasks,
             &mut seen,
             &mut handoffs,
+            &mut damaged,
         )
         .await
         {
@@ -280,15 +284,29 @@ pub async fn run_with<F: ProcessorFactory>(
                     started();
                 }
             }
+            Err(error @ LeaseError::TableGone { .. }) if !table.exists().await.unwrap_or(true) => {
+                // Recreating it would start every shard again from InitialPositionInStream
+                // without a word (re-processing or skipping records): stop instead, loudly.
+                tracing::error!(stream = %config.stream, table = %table.name(), "The lease table was deleted while the job ran: stopping every shard of the stream. Started again, the job creates a new, empty table and every shard starts at InitialPositionInStream.");
+                failure = Some(WorkerError::Lease(error));
+                break;
+            }
             Err(error) => {
-                tracing::warn!(%error, "Lease scan failed; retrying at the next tick.");
+                count("kinesis_host_lease_scan_failures_total", &config);
+                tracing::warn!(stream = %config.stream, %error, "Lease scan failed; retrying at the next tick.");
             }
         }
         leases_held.set(held_count(&held) as f64);
         if last_sync.elapsed() >= config.shard_sync_interval {
             last_sync = Instant::now();
-            if let Err(error) = sync_shards(&kinesis, &table, &config).await {
-                tracing::warn!(%error, "Shard sync failed; retrying later.");
+            let synced =
+                tokio::time::timeout(config.failover_time, sync_shards(&kinesis, &table, &config));
+            match synced.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "Shard sync failed; retrying later."),
+                Err(_) => {
+                    tracing::warn!(after = ?config.failover_time, "Shard sync was not done within the failover time (DynamoDB or Kinesis unreachable or slow?); retrying later.")
+                }
             }
         }
         while let Some(done) = tasks.try_join_next() {
@@ -322,11 +340,28 @@ pub async fn run_with<F: ProcessorFactory>(
             () = tokio::time::sleep(pause) => {}
         }
     }
+    if let Some(failure) = failure {
+        // The leases are gone with the table: stop the shards (their checkpoints fail), release
+        // nothing.
+        for h in held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).values() {
+            let _ = h.stop.send(true);
+        }
+        while let Some(done) = tasks.join_next().await {
+            if let Err(error) = done {
+                tracing::error!(%error, "A shard task panicked.");
+            }
+        }
+        leases_held.set(0.0);
+        return Err(failure);
+    }
     tracing::info!(stream = %config.stream, "Shutting down: finishing batches in flight.");
     // Hand-offs asked for and not completed: give the leases back to their owners, so they do
     // not hand them over to a host that is going away.
     for key in handoffs.keys() {
-        if let Err(error) = table.cancel_handoff(key, &config.worker_id).await {
+        let cancel = table.cancel_handoff(key, &config.worker_id);
+        if let Err(error) =
+            table.within("UpdateItem (hand-off withdrawal)", config.failover_time, cancel).await
+        {
             tracing::warn!(lease = %key, %error, "Could not withdraw the hand-off request; the lease is taken by another host when it expires.");
         }
     }
@@ -346,7 +381,10 @@ pub async fn run_with<F: ProcessorFactory>(
         .collect();
     for h in remaining {
         let lease = h.lease.lock().await;
-        match table.release(&lease).await {
+        match table
+            .within("UpdateItem (release)", config.failover_time, table.release(&lease))
+            .await
+        {
             Ok(()) => {
                 count("kinesis_host_leases_released_total", &config);
             }
@@ -477,6 +515,7 @@ async fn renew_all(
     table: &LeaseTable,
     held: &Arc<std::sync::Mutex<HashMap<String, Arc<Held>>>>,
     config: &Arc<WorkerConfig>,
+    tick: Duration,
 ) {
     let all: Vec<(String, Arc<Held>)> = held
         .lock()
@@ -484,13 +523,29 @@ async fn renew_all(
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let total = all.len();
     let mut renewals = JoinSet::new();
     for (key, h) in all {
         let (table, held, config) = (table.clone(), held.clone(), config.clone());
         renewals.spawn(async move {
-            let mut lease = h.lease.lock().await;
-            let expired = h.renewed.lock().map(|r| r.elapsed() > config.failover_time).unwrap_or(true);
-            let result = if expired { Err(None) } else { table.renew(&lease).await.map_err(Some) };
+            // The lease lock may be held by a checkpoint waiting for DynamoDB: the renewal gets
+            // one renewal interval in all, then counts as failed.
+            let renewal = async {
+                let lease = h.lease.lock().await;
+                let since = h.renewed.lock().map(|r| r.elapsed()).unwrap_or(Duration::MAX);
+                let result = if since > config.failover_time {
+                    Err(None)
+                } else {
+                    table.renew(&lease).await.map_err(Some)
+                };
+                (lease, since, result)
+            };
+            let Ok((mut lease, since, result)) = tokio::time::timeout(tick, renewal).await else {
+                count("kinesis_host_lease_renewal_failures_total", &config);
+                let error = format!("not answered within {} ms", tick.as_millis());
+                tracing::debug!(lease = %key, %error, "Lease renewal failed.");
+                return Some(error);
+            };
             match result {
                 Ok(renewed) => {
                     // Another host asked for the lease (KCL 3.x's mark): finish the batch in
@@ -513,24 +568,44 @@ async fn renew_all(
                     if let Ok(mut r) = h.renewed.lock() {
                         *r = Instant::now();
                     }
+                    None
                 }
-                Err(Some(LeaseError::Aws { message, .. })) => {
+                Err(Some(
+                    error @ (LeaseError::Aws { .. }
+                    | LeaseError::Timeout { .. }
+                    | LeaseError::TableGone { .. }),
+                )) => {
                     count("kinesis_host_lease_renewal_failures_total", &config);
-                    tracing::warn!(lease = %key, error = %message, "Lease renewal failed; retrying.");
+                    tracing::debug!(lease = %key, %error, "Lease renewal failed.");
+                    Some(error.to_string())
                 }
                 Err(error) => {
                     count("kinesis_host_leases_lost_total", &config);
-                    tracing::info!(lease = %key, expired, error = ?error.map(|e| e.to_string()), "Lost lease.");
+                    match error {
+                        None => tracing::warn!(lease = %key, not_renewed_for_ms = u64::try_from(since.as_millis()).unwrap_or(u64::MAX), failover_time_ms = u64::try_from(config.failover_time.as_millis()).unwrap_or(u64::MAX), "Lost lease: not renewed within FailoverTimeMillis (DynamoDB unreachable or slow?); stopping its shard, which any host may take now."),
+                        Some(error @ LeaseError::Damaged { .. }) => tracing::error!(lease = %key, %error, "Lease item damaged: stopping its shard."),
+                        Some(error) => tracing::info!(lease = %key, %error, "Lost lease."),
+                    }
                     let _ = h.stop.send(true);
                     held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
+                    None
                 }
             }
         });
     }
+    let (mut failed, mut first) = (0usize, None);
     while let Some(done) = renewals.join_next().await {
-        if let Err(error) = done {
-            tracing::error!(%error, "A lease renewal panicked.");
+        match done {
+            Ok(Some(error)) => {
+                failed += 1;
+                first.get_or_insert(error);
+            }
+            Ok(None) => {}
+            Err(error) => tracing::error!(%error, "A lease renewal panicked."),
         }
+    }
+    if let Some(first) = first {
+        tracing::warn!(stream = %config.stream, failed, held = total, error = %first, "Lease renewals failed; retrying at the next tick. A lease not renewed within FailoverTimeMillis is given up.");
     }
 }
 
@@ -546,6 +621,7 @@ async fn take_leases<F: ProcessorFactory>(
     tasks: &mut JoinSet<()>,
     seen: &mut HashMap<String, (u64, Instant)>,
     handoffs: &mut HashMap<String, Instant>,
+    damaged: &mut HashMap<String, String>,
 ) -> Result<(), LeaseError> {
     let now = Instant::now();
     let resting: HashSet<String> = cooldown
@@ -555,7 +631,9 @@ async fn take_leases<F: ProcessorFactory>(
         .filter(|(_, (until, _))| *until > now)
         .map(|(k, _)| k.clone())
         .collect();
-    let leases = table.list().await?;
+    let tick = (config.failover_time / 3).max(Duration::from_millis(50));
+    let leases = table.within("Scan", tick, table.list()).await?;
+    report_damaged(table, config, &leases, damaged);
     let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
     let mine: HashSet<String> =
         held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).keys().cloned().collect();
@@ -565,7 +643,8 @@ async fn take_leases<F: ProcessorFactory>(
     counts.insert(config.worker_id.clone(), mine.len());
     let mut active = 0usize;
     for lease in &leases {
-        if lease.checkpoint == Checkpoint::ShardEnd {
+        // A damaged lease is nobody's to take or count: its shard waits until it is fixed.
+        if lease.checkpoint == Checkpoint::ShardEnd || lease.damaged.is_some() {
             continue;
         }
         active += 1;
@@ -591,6 +670,7 @@ async fn take_leases<F: ProcessorFactory>(
         let Some(lease) = by_key.get(key.as_str()) else { return false };
         let pending = lease.owner.as_deref() == me
             && lease.checkpoint != Checkpoint::ShardEnd
+            && lease.damaged.is_none()
             && !mine.contains(key);
         if pending
             && lease.checkpoint_owner.is_some()
@@ -606,6 +686,7 @@ async fn take_leases<F: ProcessorFactory>(
     adopt.extend(leases.iter().filter(|l| {
         l.owner.as_deref() == me
             && l.checkpoint_owner.is_none()
+            && l.damaged.is_none()
             && l.checkpoint != Checkpoint::ShardEnd
             && !mine.contains(&l.key)
             && !resting.contains(&l.key)
@@ -661,6 +742,7 @@ async fn take_leases<F: ProcessorFactory>(
                 .filter(|l| {
                     l.owner.as_deref() == Some(victim.as_str())
                         && l.checkpoint != Checkpoint::ShardEnd
+                        && l.damaged.is_none()
                         && l.checkpoint_owner.is_none()
                         && ready(l)
                 })
@@ -758,6 +840,38 @@ async fn take_leases<F: ProcessorFactory>(
     first_error.map_or(Ok(()), Err)
 }
 
+/// Logs each damaged lease item once (again when its problem changes, and when it is fixed), and
+/// sets `kinesis_host_leases_damaged`: the shard of such an item is not processed here, and
+/// nothing about it is guessed (a checkpoint that cannot be read is never taken as
+/// `TRIM_HORIZON`, which would process the shard again, or as `LATEST`, which would skip it).
+fn report_damaged(
+    table: &LeaseTable,
+    config: &WorkerConfig,
+    leases: &[Lease],
+    reported: &mut HashMap<String, String>,
+) {
+    let mut now: HashMap<String, String> = HashMap::new();
+    for lease in leases {
+        if let Some(problem) = &lease.damaged {
+            if reported.get(&lease.key) != Some(problem) {
+                let error = LeaseError::Damaged {
+                    table: table.name().to_owned(),
+                    lease_key: lease.key.clone(),
+                    problem: problem.clone(),
+                };
+                tracing::error!(stream = %config.stream, lease = %lease.key, %error, "Damaged lease item: its shard is not processed until the item is fixed.");
+            }
+            now.insert(lease.key.clone(), problem.clone());
+        }
+    }
+    for key in reported.keys().filter(|k| !now.contains_key(*k)) {
+        tracing::info!(stream = %config.stream, lease = %key, "The lease item is readable again.");
+    }
+    metrics::gauge!("kinesis_host_leases_damaged", "job" => config.job.clone(), "stream" => config.stream.clone())
+        .set(now.len() as f64);
+    *reported = now;
+}
+
 /// Keeps the first error of a round of lease writes, to fail the round with; later ones are
 /// only logged, with their lease.
 fn keep_first(first: &mut Option<LeaseError>, lease: &Lease, error: LeaseError) {
@@ -771,7 +885,9 @@ fn keep_first(first: &mut Option<LeaseError>, lease: &Lease, error: LeaseError) 
 /// Deletes finished leases whose children have all started and whose own parents are gone
 /// (KCL's rule: the tombstone stays until nothing can need it).
 async fn cleanup(table: &LeaseTable, leases: &[Lease], by_key: &HashMap<&str, &Lease>) {
-    for lease in leases.iter().filter(|l| l.checkpoint == Checkpoint::ShardEnd) {
+    for lease in
+        leases.iter().filter(|l| l.checkpoint == Checkpoint::ShardEnd && l.damaged.is_none())
+    {
         let children_started = !lease.child_shard_ids.is_empty()
             && lease.child_shard_ids.iter().all(|c| {
                 by_key.get(c.as_str()).is_some_and(|child| {
@@ -851,11 +967,15 @@ async fn shard_task<P: ShardProcessor>(
                 // owner starts right after it.
                 registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
                 let lease = held.lease.lock().await;
-                match table.hand_over(&lease, &next).await {
+                let handed = table.hand_over(&lease, &next);
+                match table.within("UpdateItem (hand over)", config.failover_time, handed).await {
                     Ok(()) => count("kinesis_host_leases_handed_over_total", &config),
                     // The taker withdrew or another host asked since: release the lease so that
                     // whoever is free takes it at once (fails too if the counter moved).
-                    Err(error) => match table.release(&lease).await {
+                    Err(error) => match table
+                        .within("UpdateItem (release)", config.failover_time, table.release(&lease))
+                        .await
+                    {
                         Ok(()) => {
                             count("kinesis_host_leases_released_total", &config);
                             tracing::info!(shard = %key, next, %error, "The hand-off request changed; released the lease instead.");
@@ -870,7 +990,10 @@ async fn shard_task<P: ShardProcessor>(
             } else if !*stop.borrow() {
                 registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
                 let lease = held.lease.lock().await;
-                match table.release(&lease).await {
+                match table
+                    .within("UpdateItem (release)", config.failover_time, table.release(&lease))
+                    .await
+                {
                     Ok(()) => {
                         count("kinesis_host_leases_released_total", &config);
                     }
@@ -931,7 +1054,8 @@ async fn checkpoint(
         return Ok(false);
     }
     let previous_stored = matches!(lease.state, Some(StateRef::Stored { .. }));
-    match table.checkpoint_with_state(&lease, at, prepared.clone()).await {
+    let write = table.checkpoint_with_state(&lease, at, prepared.clone());
+    match table.within("UpdateItem (checkpoint)", config.failover_time, write).await {
         Ok(updated) => {
             let shard = updated.key.clone();
             metrics::counter!(
