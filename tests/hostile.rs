@@ -263,6 +263,38 @@ fn a_panic_message_reaches_the_host_log() {
     );
 }
 
+/// An instance of `component` on shard `shardId-000000000000` of stream `s`.
+fn instance_of(
+    component: &TaskComponent,
+    outputs: Outputs,
+    config: Vec<(String, String)>,
+    limits: Limits,
+) -> TaskInstance {
+    let spec = Arc::new(InstanceSpec {
+        job: "test".into(),
+        stream: "s".into(),
+        shard_id: "shardId-000000000000".into(),
+        outputs,
+        config,
+        limits,
+    });
+    TaskInstance::new(component, spec).expect("instance")
+}
+
+/// A batch of one record, data `x`.
+fn one_record_batch() -> Batch {
+    let mut batch = Batch::new("s", "shardId-000000000000", 10, 1 << 20);
+    batch.push(&RecordRef {
+        data: b"x",
+        partition_key: "k",
+        sequence_number: "1",
+        sub_sequence_number: 0,
+        explicit_hash_key: None,
+        approximate_arrival_millis: 0,
+    });
+    batch
+}
+
 /// A clock that stands still, so the log budget never refills during a test.
 #[derive(Debug)]
 struct FrozenClock(Instant);
@@ -283,24 +315,8 @@ fn a_log_flood_is_cut_to_the_rate_limit() {
         .expect("runtime");
         let flood = rt.load(&guest("log-flood-task")).expect("log-flood-task loads");
         let limits = Limits { log_bytes_per_second: 10_000, ..Limits::default() };
-        let spec = Arc::new(InstanceSpec {
-            job: "test".into(),
-            stream: "s".into(),
-            shard_id: "shardId-000000000000".into(),
-            outputs: Outputs::Any,
-            config: vec![],
-            limits,
-        });
-        let mut instance = TaskInstance::new(&flood, spec).expect("instance");
-        let mut batch = Batch::new("s", "shardId-000000000000", 10, 1 << 20);
-        batch.push(&RecordRef {
-            data: b"x",
-            partition_key: "k",
-            sequence_number: "1",
-            sub_sequence_number: 0,
-            explicit_hash_key: None,
-            approximate_arrival_millis: 0,
-        });
+        let mut instance = instance_of(&flood, Outputs::Any, vec![], limits);
+        let batch = one_record_batch();
         let mut state = ShardState::default();
         let output = instance.process(&batch, &mut state).expect("the flood is not an error");
         assert_eq!(output.emits.len(), 1);
@@ -371,24 +387,10 @@ fn an_instance_keeps_at_most_its_metric_names_and_holds_little_between_calls() {
     let rt = runtime();
     let bomb = rt.load(&guest("import-bomb-task")).expect("import-bomb-task loads");
     let limits = Limits { memory_bytes: 40 << 20, metric_names: 100, ..Limits::default() };
-    let spec = Arc::new(InstanceSpec {
-        job: "test".into(),
-        stream: "s".into(),
-        shard_id: "shardId-000000000000".into(),
-        outputs: Outputs::Only(["out".to_owned()].into()),
-        config: vec![("mode".into(), "bomb".into()), ("mb".into(), "4".into())],
-        limits,
-    });
-    let mut instance = TaskInstance::new(&bomb, spec).expect("instance");
-    let mut batch = Batch::new("s", "shardId-000000000000", 10, 1 << 20);
-    batch.push(&RecordRef {
-        data: b"x",
-        partition_key: "k",
-        sequence_number: "1",
-        sub_sequence_number: 0,
-        explicit_hash_key: None,
-        approximate_arrival_millis: 0,
-    });
+    let config = vec![("mode".into(), "bomb".into()), ("mb".into(), "4".into())];
+    let outputs = Outputs::Only(["out".to_owned()].into());
+    let mut instance = instance_of(&bomb, outputs, config, limits);
+    let batch = one_record_batch();
     let mut state = ShardState::default();
     let mut names = std::collections::BTreeSet::new();
     for call in 1..=5 {

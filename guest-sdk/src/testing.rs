@@ -106,8 +106,28 @@ impl MockHost {
         {
             return Err(EmitError::UnknownOutput(output.to_owned()));
         }
-        if partition_key.is_empty() {
-            return Err(EmitError::InvalidKey("the partition key is empty".into()));
+        // Kinesis's rules, as the host applies them: a partition key of 1 to 256 characters
+        // counted as UTF-16 code units, an explicit hash key written as a decimal from 0 to
+        // 2^128 - 1 without leading zeros, data and key within 1 MiB.
+        let units = partition_key.encode_utf16().count();
+        if !(1..=256).contains(&units) {
+            return Err(EmitError::InvalidKey(format!(
+                "the partition key is {units} characters long as Kinesis counts them (UTF-16 code units); Kinesis takes 1 to 256"
+            )));
+        }
+        if let Some(hash) = explicit_hash_key {
+            let canonical = hash == "0"
+                || (!hash.starts_with('0')
+                    && hash.bytes().all(|b| b.is_ascii_digit())
+                    && hash.parse::<u128>().is_ok());
+            if !canonical {
+                return Err(EmitError::InvalidKey(format!(
+                    "explicit hash key {hash:?} is not a decimal number from 0 to 2^128 - 1 without sign or leading zeros"
+                )));
+            }
+        }
+        if data.len() + partition_key.len() > 1 << 20 {
+            return Err(EmitError::TooLarge(((1 << 20) - partition_key.len()) as u32));
         }
         self.outcome.emitted.push(Emitted {
             output: output.to_owned(),

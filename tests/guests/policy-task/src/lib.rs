@@ -71,3 +71,23 @@ impl Task for Policy {
 }
 
 kinesis_task::export_task!(Policy);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kinesis_task::testing::{Harness, TestRecord};
+
+    /// The native harness refuses the keys Kinesis refuses, as the host does.
+    #[test]
+    fn keys_kinesis_refuses_are_refused_natively_too() -> Result<(), TaskError> {
+        let mut harness = Harness::<Policy>::new(&[])?;
+        let out = harness.process(&[
+            TestRecord::new("k", "bad-key-1"),
+            TestRecord::new("k", "ok"),
+            TestRecord::new("k", "bad-hash-2"),
+        ])?;
+        let data: Vec<&[u8]> = out.emitted.iter().map(|e| e.data.as_slice()).collect();
+        assert_eq!(data, [b"refused:bad-key-1".as_slice(), b"ok", b"refused:bad-hash-2"]);
+        Ok(())
+    }
+}
