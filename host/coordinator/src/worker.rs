@@ -263,7 +263,7 @@ pub async fn run_with<F: ProcessorFactory>(
     let mut damaged: HashMap<String, String> = HashMap::new();
     let mut failure = None;
     loop {
-        renew_all(&table, &held, &config, tick).await;
+        renew_all(&table, &held, &config).await;
         match take_leases(
             &kinesis,
             &table,
@@ -515,8 +515,10 @@ async fn renew_all(
     table: &LeaseTable,
     held: &Arc<std::sync::Mutex<HashMap<String, Arc<Held>>>>,
     config: &Arc<WorkerConfig>,
-    tick: Duration,
 ) {
+    // Half the failover time: a renewal later than that cannot be relied on to land before
+    // the lease expires, and one that timed out is retried at the next tick.
+    let bound = config.failover_time / 2;
     let all: Vec<(String, Arc<Held>)> = held
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -529,7 +531,7 @@ async fn renew_all(
         let (table, held, config) = (table.clone(), held.clone(), config.clone());
         renewals.spawn(async move {
             // The lease lock may be held by a checkpoint waiting for DynamoDB: the renewal gets
-            // one renewal interval in all, then counts as failed.
+            // `bound` in all, then counts as failed.
             let renewal = async {
                 let lease = h.lease.lock().await;
                 let since = h.renewed.lock().map(|r| r.elapsed()).unwrap_or(Duration::MAX);
@@ -540,9 +542,9 @@ async fn renew_all(
                 };
                 (lease, since, result)
             };
-            let Ok((mut lease, since, result)) = tokio::time::timeout(tick, renewal).await else {
+            let Ok((mut lease, since, result)) = tokio::time::timeout(bound, renewal).await else {
                 count("kinesis_host_lease_renewal_failures_total", &config);
-                let error = format!("not answered within {} ms", tick.as_millis());
+                let error = format!("not answered within {} ms", bound.as_millis());
                 tracing::debug!(lease = %key, %error, "Lease renewal failed.");
                 return Some(error);
             };
@@ -631,8 +633,7 @@ async fn take_leases<F: ProcessorFactory>(
         .filter(|(_, (until, _))| *until > now)
         .map(|(k, _)| k.clone())
         .collect();
-    let tick = (config.failover_time / 3).max(Duration::from_millis(50));
-    let leases = table.within("Scan", tick, table.list()).await?;
+    let leases = table.within("Scan", config.failover_time, table.list()).await?;
     report_damaged(table, config, &leases, damaged);
     let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
     let mine: HashSet<String> =
