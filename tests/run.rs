@@ -610,18 +610,7 @@ fn a_host_paused_past_its_lease_cannot_checkpoint_when_it_resumes() {
     put(&c, input, &second);
     let mut sent = first.clone();
     sent.extend(second.clone());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let got = by_key(&read_all(&c, output));
-        let done = by_key(&sent)
-            .iter()
-            .all(|(k, v)| got.get(k).is_some_and(|g| v.iter().all(|r| g.contains(r))));
-        if done {
-            break;
-        }
-        assert!(Instant::now() < deadline, "B did not deliver; log:\n{}", log_text(&log_b));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_every_record(&c, output, &sent, &log_b);
     wait_for_log(&log_b, "Checkpointed.", 2);
     let table = "pause-1-run-pause-in";
     let before = checkpoints(&c, table);
@@ -1022,18 +1011,7 @@ fn dynamodb_unreachable_past_the_failover_time_is_said_in_logs_and_metrics_and_l
     put(&c, input, &second);
     let mut sent = first;
     sent.extend(second);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let got = by_key(&read_all(&c, output));
-        let all = by_key(&sent)
-            .iter()
-            .all(|(k, v)| got.get(k).is_some_and(|g| v.iter().all(|r| g.contains(r))));
-        if all {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not every record delivered; log:\n{}", log_text(&log));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_every_record(&c, output, &sent, &log);
     host.stop_cleanly(&log);
     assert_first_deliveries_in_order(&read_all(&c, output), &sent);
 }

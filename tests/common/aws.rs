@@ -497,6 +497,27 @@ pub fn decimal_at_least(a: &str, b: &str) -> bool {
     (a.len(), a) >= (b.len(), b)
 }
 
+/// Waits (bounded, 90 s) until `output` holds every record of `sent` at least once.
+pub fn wait_for_every_record(
+    c: &AwsClients,
+    output: &str,
+    sent: &[(String, String)],
+    log: &std::path::Path,
+) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let wanted = by_key(sent);
+    loop {
+        let got = by_key(&read_all(c, output));
+        let all =
+            wanted.iter().all(|(k, v)| got.get(k).is_some_and(|g| v.iter().all(|r| g.contains(r))));
+        if all {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not every record delivered; log:\n{}", log_text(log));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// At-least-once delivery with order: every sent record was delivered, and per partition key
 /// the first delivery of each record comes in the order it was sent (duplicates may follow).
 pub fn assert_first_deliveries_in_order(got: &[(String, String)], sent: &[(String, String)]) {
