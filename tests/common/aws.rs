@@ -235,12 +235,26 @@ impl Host {
     pub fn stop(mut self) -> std::process::ExitStatus {
         let pid = self.0.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.wait_for_exit(Duration::from_secs(30), std::path::Path::new(""))
+    }
+
+    /// Waits (bounded by `within`) for the host to exit; its exit status. `log`, when it names
+    /// a file, is shown if it does not exit.
+    pub fn wait_for_exit(
+        &mut self,
+        within: Duration,
+        log: &std::path::Path,
+    ) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.0.try_wait().expect("wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "kinesis-host did not stop within 30 s of SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "kinesis-host did not exit within {within:?}; log:\n{}",
+                log_text(log)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
